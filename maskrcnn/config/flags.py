@@ -1,0 +1,69 @@
+"""The absl flags every command shares, and the config they resolve to.
+
+Precedence, lowest first: the --config file (and its `base` chain), --data_dir, the explicit
+--train_json/--train_images/--val_json/--val_images, --output_dir, then each --set override.
+"""
+
+from pathlib import Path
+
+from absl import flags
+
+from maskrcnn.config import config_pb2
+from maskrcnn.config.errors import ConfigError
+from maskrcnn.config.loader import Layer, build_config, parse_text, read_layers
+
+flags.DEFINE_string("config", "shapes", "A named config (e.g. shapes, 8x4, 32x4) or a .pbtxt path.")
+flags.DEFINE_multi_string(
+    "set", [], "Text-format override applied after the config, e.g. "
+    "--set='solver { base_lr_per_image: 0.0025 }'. Repeatable; later ones win."
+)
+flags.DEFINE_string(
+    "data_dir", None, "A COCO-style folder: annotations/instances_{train,val}2017.json, "
+    "train2017/, val2017/."
+)
+flags.DEFINE_string("train_json", None, "Training annotations (COCO instances json).")
+flags.DEFINE_string("train_images", None, "Folder of the training images.")
+flags.DEFINE_string("val_json", None, "Validation annotations (COCO instances json).")
+flags.DEFINE_string("val_images", None, "Folder of the validation images.")
+flags.DEFINE_string("output_dir", None, "Where checkpoints, logs and the resolved config go.")
+
+FLAGS = flags.FLAGS
+DATA_FLAGS = ("train_json", "train_images", "val_json", "val_images")
+
+
+def _data_dir_paths(data_dir: str) -> dict[str, str]:
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise ConfigError(f"--data_dir={data_dir}: no such folder")
+    return {
+        "train_json": str(root / "annotations" / "instances_train2017.json"),
+        "train_images": str(root / "train2017"),
+        "val_json": str(root / "annotations" / "instances_val2017.json"),
+        "val_images": str(root / "val2017"),
+    }
+
+
+def config_from_flags() -> config_pb2.Config:
+    """The resolved config for this process's flags (call after absl has parsed them)."""
+    layers = read_layers(FLAGS.config)
+    if FLAGS.data_dir:
+        layer = config_pb2.Config()
+        for name, value in _data_dir_paths(FLAGS.data_dir).items():
+            setattr(layer.data, name, value)
+        layers.append(Layer(f"--data_dir={FLAGS.data_dir}", layer))
+    for name in DATA_FLAGS:
+        if getattr(FLAGS, name):
+            layer = config_pb2.Config()
+            setattr(layer.data, name, getattr(FLAGS, name))
+            layers.append(Layer(f"--{name}", layer))
+    if FLAGS.output_dir:
+        layer = config_pb2.Config()
+        layer.run.output_dir = FLAGS.output_dir
+        layers.append(Layer("--output_dir", layer))
+    for index, text in enumerate(FLAGS.set, start=1):
+        source = f"--set #{index} ({text.strip()!r})"
+        layers.append(Layer(source, parse_text(text, source)))
+    config = build_config(layers)
+    if not config.run.output_dir:
+        config.run.output_dir = str(Path("runs") / Path(FLAGS.config).stem)
+    return config
