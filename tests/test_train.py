@@ -1,0 +1,69 @@
+"""The main job as a user runs it: flags, one-line errors, outputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = "data { synthetic { num_train: 12 num_val: 4 } num_workers: 2 }"
+
+
+def run_train(tmp_path, *flags):
+    env = {**os.environ, "MASKRCNN_CACHE": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-m", "maskrcnn.train", *flags], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_main_job_on_synthetic_data(tmp_path):
+    """If this fails, the README's first command breaks: no data, config or picture."""
+    out = tmp_path / "run"
+    result = run_train(tmp_path, "--config=shapes", f"--output_dir={out}", f"--set={SMALL}")
+    assert result.returncode == 0, result.stderr
+    assert "instances per class" in result.stdout and "steps per epoch" in result.stdout
+    config = (out / "config.pbtxt").read_text()
+    assert "num_train: 12" in config and "base_lr_per_image" in config
+    with Image.open(out / "train_batch.png") as picture:
+        assert picture.width > 4 * 256 and picture.height >= 256
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--set=solver { bse_lr: 1 }"], "error: --set #1"),
+    (["--config=8x5"], "error: unknown config '8x5'"),
+    (["--config=8x4"], "error: no training data: pass --data_dir"),
+    (["--data_dir=/nonexistent"], "error: --data_dir=/nonexistent: no such folder"),
+    (["--set=run { images_per_gpu: -1 }"], "run.images_per_gpu = -1: must be > 0"),
+])
+def test_bad_input_is_one_line(tmp_path, flags, message):
+    """If this fails, a user's mistake produces a traceback or a zero exit status."""
+    result = run_train(tmp_path, f"--output_dir={tmp_path / 'run'}", *flags)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0]
+
+
+def test_unknown_flag_fails(tmp_path):
+    """If this fails, a misspelt flag is silently ignored."""
+    result = run_train(tmp_path, "--confg=shapes")
+    assert result.returncode != 0 and "confg" in result.stderr
+
+
+def test_corrupt_image_in_a_worker_is_named(tmp_path):
+    """If this fails, an image that cannot be decoded inside a DataLoader worker ends in a
+    worker traceback instead of one line naming the image and its annotation file."""
+    out = tmp_path / "run"
+    assert run_train(tmp_path, f"--output_dir={out}", f"--set={SMALL}").returncode == 0
+    root = next((tmp_path / "cache").glob("synthetic-*"))
+    data = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+    for image in data["images"]:
+        (root / "train2017" / image["file_name"]).write_bytes(b"corrupt")
+    result = run_train(tmp_path, f"--output_dir={out}", f"--data_dir={root}", f"--set={SMALL}")
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "cannot read image" in lines[0] and "instances_train2017.json" in lines[0]
