@@ -99,10 +99,17 @@ def read_layers(name_or_path: str, _seen: tuple[Path, ...] = ()) -> list[Layer]:
     return [*layers, Layer(str(path), message)]
 
 
+def _is_repeated(field: FieldDescriptor) -> bool:
+    # protobuf 7 removed `label`; `is_repeated` only exists from 6.x. We support 5.26 to 7.x.
+    if hasattr(field, "is_repeated"):
+        return field.is_repeated
+    return field.label == FieldDescriptor.LABEL_REPEATED
+
+
 def merge_replacing(dst: Message, src: Message) -> None:
     """Copies every field set in src onto dst; repeated fields replace instead of appending."""
     for field, value in src.ListFields():
-        if field.label == FieldDescriptor.LABEL_REPEATED:
+        if _is_repeated(field):
             dst.ClearField(field.name)
             getattr(dst, field.name).extend(value)
         elif field.type == FieldDescriptor.TYPE_MESSAGE:
@@ -119,7 +126,7 @@ def _field_value(message: Message, path: str):
             return None
         message = getattr(message, name)
     field = message.DESCRIPTOR.fields_by_name[leaf]
-    if field.label == FieldDescriptor.LABEL_REPEATED:
+    if _is_repeated(field):
         return getattr(message, leaf) or None
     return getattr(message, leaf) if message.HasField(leaf) else None
 
@@ -140,7 +147,7 @@ def _fill_defaults(config: config_pb2.Config) -> None:
 def _make_explicit(message: Message) -> None:
     """Marks every scalar field set, so the written config shows the defaults in force."""
     for field in message.DESCRIPTOR.fields:
-        if field.label == FieldDescriptor.LABEL_REPEATED:
+        if _is_repeated(field):
             if field.type == FieldDescriptor.TYPE_MESSAGE:
                 for item in getattr(message, field.name):
                     _make_explicit(item)
