@@ -83,6 +83,10 @@ def _model_problems(model: config_pb2.ModelConfig) -> Iterator[Problem]:
     for name in ("box_head_dim", "pooler_resolution", "mask_pooler_resolution",
                  "mask_resolution", "mask_head_channels", "detections_per_image"):
         yield from _positive(f"model.roi_heads.{name}", getattr(roi, name))
+    yield from _check("model.roi_heads.mask_resolution", roi.mask_resolution,
+                      roi.mask_resolution == 2 * roi.mask_pooler_resolution,
+                      "must be 2 x model.roi_heads.mask_pooler_resolution (the head upsamples 2x)",
+                      also=("model.roi_heads.mask_pooler_resolution",))
     weights = list(roi.bbox_reg_weights)
     yield from _check("model.roi_heads.bbox_reg_weights", weights,
                       len(weights) == 4 and min(weights) > 0, "must be 4 values > 0")
