@@ -1,0 +1,176 @@
+"""ResNet body with frozen batch norm, and the Backbone (body + FPN) the detector runs on.
+
+Shape legend: N images, H x W the canvas; stage k of the body (C2..C5) has stride 2**k.
+
+Module names mirror torchvision's (`body.layer1.0.conv1`, `fpn.inner_blocks.0`), so torchvision
+checkpoints map onto ours by renaming only (see `convert_torchvision_backbone`).
+"""
+
+import os
+import pickle
+import re
+
+import torch
+import torchvision
+from torch import nn
+
+from maskrcnn.model.fpn import FPN
+from maskrcnn.model.frozen_bn import FrozenBatchNorm2d
+
+_RESNETS = {
+    18: torchvision.models.resnet18,
+    34: torchvision.models.resnet34,
+    50: torchvision.models.resnet50,
+    101: torchvision.models.resnet101,
+}
+# What a frozen stage count freezes: 1 = stem, 2 = stem + res2, ... 5 = everything.
+_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+# Optional in an ImageNet checkpoint: BatchNorm2d's step counter, which the fold does not use.
+_OPTIONAL_BN_KEY = "num_batches_tracked"
+
+
+class ResNetBody(nn.Module):
+    """torchvision's ResNet without avgpool and fc, batch norm frozen.
+
+    Args:
+        depth: 18, 34, 50 or 101.
+        frozen_stages: 0 = none, 1 = stem (conv1, bn1), 2 = stem + layer1 (res2), ... 5 = all;
+            frozen parameters get requires_grad False.
+
+    Attributes:
+        out_channels: channels of C2..C5.
+    """
+
+    def __init__(self, depth: int, frozen_stages: int):
+        super().__init__()
+        if depth not in _RESNETS:
+            raise ValueError(f"ResNet depth must be one of {sorted(_RESNETS)}, got {depth}")
+        if not 0 <= frozen_stages <= len(_STAGES):
+            raise ValueError(f"frozen_stages must be in 0..{len(_STAGES)}, got {frozen_stages}")
+        resnet = _RESNETS[depth](weights=None, norm_layer=FrozenBatchNorm2d)
+        self.conv1 = resnet.conv1
+        self.bn1 = resnet.bn1
+        self.relu = resnet.relu
+        self.maxpool = resnet.maxpool
+        self.layer1 = resnet.layer1
+        self.layer2 = resnet.layer2
+        self.layer3 = resnet.layer3
+        self.layer4 = resnet.layer4
+        width = 1 if depth < 50 else 4  # BasicBlock vs Bottleneck expansion
+        self.out_channels = [64 * width, 128 * width, 256 * width, 512 * width]
+        for stage in _STAGES[:frozen_stages]:
+            for name in stage:
+                for p in getattr(self, name).parameters():
+                    p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """float[N, 3, H, W] -> [C2, C3, C4, C5], Ck float[N, out_channels[k-2], H/2**k, W/2**k]
+        (sizes rounded up)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c2, c3, c4, c5]
+
+    def _imagenet_format(self) -> tuple[dict[str, torch.Size], set[str]]:
+        """(key -> shape, optional keys) of a torchvision ImageNet state dict for this body, fc
+        excluded: batch norms as (weight, bias, running_mean, running_var), not our folded
+        (scale, bias), plus their optional num_batches_tracked."""
+        shapes, optional = {}, set()
+        for name, module in self.named_modules():
+            prefix = f"{name}." if name else ""
+            if isinstance(module, FrozenBatchNorm2d):
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    shapes[prefix + key] = module.scale.shape
+                optional.add(prefix + _OPTIONAL_BN_KEY)
+            else:
+                for key, t in module.named_parameters(recurse=False):
+                    shapes[prefix + key] = t.shape
+        return shapes, optional
+
+    def load_imagenet(self, path: str) -> None:
+        """Loads a torchvision ImageNet checkpoint (a state dict saved with torch.save).
+
+        fc.* is ignored; any other missing or unexpected key or shape mismatch raises a
+        ValueError naming the file and the first bad key; a missing file, FileNotFoundError.
+        """
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"ImageNet checkpoint not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+            raise ValueError(f"{path}: not a torch state dict file ({type(e).__name__})") from e
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+        shapes, optional = self._imagenet_format()
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        for key, value in state.items():
+            if key in optional:
+                continue
+            if key not in shapes:
+                raise ValueError(f"{path}: unexpected key {key!r} for a ResNet body")
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{path}: key {key!r} is a {type(value).__name__}, not a tensor")
+            if value.shape != shapes[key]:
+                raise ValueError(f"{path}: key {key!r} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(shapes[key])}")
+        for key in shapes:
+            if key not in state:
+                raise ValueError(f"{path}: missing key {key!r}")
+        self.load_state_dict(state)
+
+
+class Backbone(nn.Module):
+    """ResNet body + FPN: normalised images -> P2..P6.
+
+    Args:
+        depth: ResNet depth, 18, 34, 50 or 101.
+        frozen_stages: see ResNetBody.
+        fpn_channels: channels of every FPN level.
+        weights_path: torchvision ImageNet checkpoint for the body; "" keeps random weights.
+
+    Attributes:
+        strides: strides of P2..P6.
+        out_channels: fpn_channels.
+    """
+
+    def __init__(self, depth: int, frozen_stages: int, fpn_channels: int, weights_path: str = ""):
+        super().__init__()
+        self.body = ResNetBody(depth, frozen_stages)
+        self.fpn = FPN(self.body.out_channels, fpn_channels)
+        self.strides = [4, 8, 16, 32, 64]
+        self.out_channels = fpn_channels
+        if weights_path:
+            self.body.load_imagenet(weights_path)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """float[N, 3, H, W] normalised images -> [P2, P3, P4, P5, P6], Pk
+        float[N, fpn_channels, H/2**k, W/2**k] (sizes rounded up)."""
+        return self.fpn(self.body(images))
+
+
+# torchvision >= 0.13 wraps each FPN conv in Conv2dNormActivation ("inner_blocks.0.0.weight");
+# older versions, and the published COCO checkpoints, have the bare conv ("inner_blocks.0.weight").
+_TV_FPN_KEY = re.compile(r"(inner_blocks|layer_blocks)\.(\d+)\.(?:0\.)?(weight|bias)")
+
+
+def convert_torchvision_backbone(tv_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our Backbone's state dict entries from a torchvision maskrcnn_resnet50_fpn state dict.
+
+    backbone.body.X -> body.X (batch norms stay in torchvision's weight, bias, running_mean,
+    running_var form: FrozenBatchNorm2d folds them on load); backbone.fpn.{inner,layer}_blocks.
+    i[.0].{weight,bias} -> fpn.{inner,layer}_blocks.i.{weight,bias}; all other keys (RPN, RoI
+    heads) are left out. Load the result with load_state_dict(strict=True).
+    """
+    out = {}
+    for key, value in tv_state.items():
+        if key.startswith("backbone.body."):
+            out["body." + key.removeprefix("backbone.body.")] = value
+        elif key.startswith("backbone.fpn."):
+            match = _TV_FPN_KEY.fullmatch(key.removeprefix("backbone.fpn."))
+            if match is None:
+                raise ValueError(f"unknown torchvision FPN key {key!r}")
+            blocks, level, leaf = match.groups()
+            out[f"fpn.{blocks}.{level}.{leaf}"] = value
+    return out

@@ -1,0 +1,224 @@
+"""RoI heads: RoI sampling, the box head, the mask head, their losses and inference.
+
+Shape legend: N images, P proposals per image, G ground-truth slots, R sampled RoIs per image,
+F foreground mask slots per image (the first F of the R), K foreground classes (class 0 is the
+background), D detections per image, C FPN channels, M mask side.
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from maskrcnn.data.gt_masks import mask_targets
+from maskrcnn.model.sampling import match, sample, uniform_keys
+from maskrcnn.ops.boxes import clip_boxes, decode_boxes, encode_boxes
+from maskrcnn.ops.nms import batched_nms_fixed
+from maskrcnn.ops.roi_align import multilevel_roi_align
+
+# Smooth-L1 transition point of the box-head loss, as torchvision.
+BOX_SMOOTH_L1_BETA = 1.0 / 9
+# Detections narrower than this (pixels) are dropped at inference, as torchvision.
+MIN_DETECTION_SIZE = 1e-2
+# Class-specific candidates per image entering the final NMS: the best this many by score.
+# torchvision keeps every candidate above the score threshold (a data-dependent count); with
+# 100 detections kept, candidates ranked beyond 50x that almost never survive NMS.
+MAX_NMS_CANDIDATES = 5000
+
+
+def _flat_rois(boxes: torch.Tensor) -> torch.Tensor:
+    """float[N, X, 4] -> float[N*X, 5] (image index, x1, y1, x2, y2) for ROIAlign."""
+    n, x, _ = boxes.shape
+    index = torch.arange(n, device=boxes.device, dtype=boxes.dtype).repeat_interleave(x)
+    return torch.cat([index[:, None], boxes.reshape(-1, 4)], dim=1)
+
+
+class BoxHead(nn.Module):
+    """Two fully connected layers on pooled RoI features, then class scores and
+    class-specific box deltas (the background class included, as torchvision)."""
+
+    def __init__(self, channels: int, resolution: int, hidden: int, num_classes: int):
+        super().__init__()
+        self.fc6 = nn.Linear(channels * resolution * resolution, hidden)
+        self.fc7 = nn.Linear(hidden, hidden)
+        self.cls_score = nn.Linear(hidden, num_classes + 1)
+        self.bbox_pred = nn.Linear(hidden, (num_classes + 1) * 4)
+
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pooled float[X, C, S, S] -> class logits float[X, K+1], deltas float[X, K+1, 4]."""
+        x = F.relu(self.fc7(F.relu(self.fc6(pooled.flatten(1)))))
+        return self.cls_score(x), self.bbox_pred(x).reshape(x.shape[0], -1, 4)
+
+
+class MaskHead(nn.Module):
+    """Four 3x3 convs, a 2x transposed conv and a 1x1 conv to per-class mask logits."""
+
+    def __init__(self, channels: int, hidden: int, num_classes: int):
+        super().__init__()
+        convs = []
+        for index in range(4):
+            convs += [nn.Conv2d(channels if index == 0 else hidden, hidden, 3, padding=1),
+                      nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*convs)
+        self.deconv = nn.ConvTranspose2d(hidden, hidden, 2, stride=2)
+        self.logits = nn.Conv2d(hidden, num_classes + 1, 1)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.constant_(module.bias, 0.0)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled float[X, C, S, S] -> mask logits float[X, K+1, 2S, 2S]."""
+        return self.logits(F.relu(self.deconv(self.convs(pooled))))
+
+
+class RoIHeads(nn.Module):
+    """Box and mask heads with their sampling, losses and inference.
+
+    Args:
+        channels: FPN channels C; strides: strides of the pooled levels (P2..P5).
+        num_classes: K; box_head_dim: hidden size of the box head.
+        batch_size_per_image, positive_fraction, fg_iou_threshold: RoI sampling.
+        bbox_reg_weights: (wx, wy, ww, wh) of the box deltas.
+        pooler_resolution, mask_pooler_resolution: ROIAlign output sides.
+        mask_head_channels: hidden channels of the mask head; max_fg_masks: F.
+        score_threshold, nms_threshold, detections_per_image: inference.
+        aligned: ROIAlign half-pixel alignment (torchvision's Mask R-CNN uses False).
+    """
+
+    def __init__(self, channels: int, strides: list[int], num_classes: int, box_head_dim: int,
+                 batch_size_per_image: int, positive_fraction: float, fg_iou_threshold: float,
+                 bbox_reg_weights: tuple[float, float, float, float], pooler_resolution: int,
+                 mask_pooler_resolution: int, mask_head_channels: int, max_fg_masks: int,
+                 score_threshold: float, nms_threshold: float, detections_per_image: int,
+                 aligned: bool = True):
+        super().__init__()
+        self.strides = list(strides)
+        self.num_classes = num_classes
+        self.box_head = BoxHead(channels, pooler_resolution, box_head_dim, num_classes)
+        self.mask_head = MaskHead(channels, mask_head_channels, num_classes)
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.fg_iou_threshold = fg_iou_threshold
+        self.bbox_reg_weights = tuple(bbox_reg_weights)
+        self.pooler_resolution = pooler_resolution
+        self.mask_pooler_resolution = mask_pooler_resolution
+        self.max_fg_masks = max_fg_masks
+        self.score_threshold = score_threshold
+        self.nms_threshold = nms_threshold
+        self.detections_per_image = detections_per_image
+        self.aligned = aligned
+        self.keys = uniform_keys  # tests swap in deterministic keys
+
+    def _pool(self, features: list[torch.Tensor], boxes: torch.Tensor,
+              resolution: int) -> torch.Tensor:
+        """float[N, X, 4] boxes -> pooled float[N*X, C, S, S] from their FPN levels."""
+        return multilevel_roi_align(features[:len(self.strides)], _flat_rois(boxes.float()),
+                                    resolution, self.strides, 2, self.aligned)
+
+    def sample_rois(self, proposals: torch.Tensor, proposals_valid: torch.Tensor,
+                    gt_boxes: torch.Tensor, gt_classes: torch.Tensor,
+                    gt_valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """R RoIs per image from proposals plus the ground-truth boxes, foreground first.
+
+        Returns rois float[N, R, 4], classes int64[N, R] (0 for background), matched
+        int64[N, R] ground-truth slot, is_fg bool[N, R], valid bool[N, R].
+        """
+        candidates = torch.cat([proposals.detach().float(), gt_boxes.float()], dim=1)
+        candidates_valid = torch.cat([proposals_valid, gt_valid], dim=1)
+        matched, labels = match(candidates, candidates_valid, gt_boxes, gt_valid,
+                                self.fg_iou_threshold, self.fg_iou_threshold,
+                                allow_low_quality=False)
+        index, is_fg, valid = sample(labels, self.batch_size_per_image, self.positive_fraction,
+                                     self.keys)
+        matched = matched.gather(1, index)
+        return {
+            "rois": candidates.gather(1, index.unsqueeze(-1).expand(-1, -1, 4)),
+            "classes": torch.where(is_fg, gt_classes.gather(1, matched), 0),
+            "matched": matched,
+            "is_fg": is_fg,
+            "valid": valid,
+        }
+
+    def losses(self, features: list[torch.Tensor], proposals: torch.Tensor,
+               proposals_valid: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torch.Tensor,
+               gt_valid: torch.Tensor, gt_masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """loss_cls (cross entropy over sampled RoIs), loss_box (smooth L1 of the true class's
+        deltas over foreground RoIs, divided by the sampled count) and loss_mask (per-pixel
+        BCE of the true class's mask over the foreground mask slots)."""
+        s = self.sample_rois(proposals, proposals_valid, gt_boxes, gt_classes, gt_valid)
+        n, r = s["classes"].shape
+        logits, deltas = self.box_head(self._pool(features, s["rois"], self.pooler_resolution))
+        logits, deltas = logits.float().reshape(n, r, -1), deltas.float().reshape(n, r, -1, 4)
+        valid = s["valid"].float()
+        count = valid.sum().clamp(min=1)
+        cls = F.cross_entropy(logits.flatten(0, 1), s["classes"].flatten(), reduction="none")
+        matched_boxes = gt_boxes.float().gather(1, s["matched"].unsqueeze(-1).expand(-1, -1, 4))
+        # Background RoIs regress onto themselves (target 0; see RPN.losses).
+        matched_boxes = torch.where(s["is_fg"].unsqueeze(-1), matched_boxes, s["rois"])
+        targets = encode_boxes(matched_boxes, s["rois"], self.bbox_reg_weights)
+        # (N, R, K+1, 4) -> (N, R, 4): the deltas of each RoI's own class.
+        own = deltas.gather(2, s["classes"][:, :, None, None].expand(-1, -1, 1, 4))[:, :, 0]
+        box = F.smooth_l1_loss(own, targets, beta=BOX_SMOOTH_L1_BETA, reduction="none").sum(-1)
+
+        # Foreground RoIs come first, so the first F slots hold every mask-head sample.
+        f = min(self.max_fg_masks, r)
+        fg_rois, fg = s["rois"][:, :f], s["is_fg"][:, :f]
+        mask_logits = self.mask_head(self._pool(features, fg_rois, self.mask_pooler_resolution))
+        size = mask_logits.shape[-1]
+        classes = s["classes"][:, :f].reshape(-1)
+        # (N*F, K+1, M, M) -> (N*F, M, M): the mask of each RoI's own class.
+        own_mask = mask_logits.float().gather(
+            1, classes[:, None, None, None].expand(-1, 1, size, size))[:, 0]
+        batch_index = torch.arange(n, device=fg.device).repeat_interleave(f)
+        target = mask_targets(gt_masks, gt_boxes, fg_rois.reshape(-1, 4), batch_index,
+                              s["matched"][:, :f].reshape(-1), size)
+        bce = F.binary_cross_entropy_with_logits(own_mask, target, reduction="none").mean((1, 2))
+        fg_weight = fg.reshape(-1).float()
+        return {
+            "loss_cls": (cls * valid.flatten()).sum() / count,
+            "loss_box": (box * s["is_fg"]).sum() / count,
+            "loss_mask": (bce * fg_weight).sum() / fg_weight.sum().clamp(min=1),
+        }
+
+    @torch.no_grad()
+    def detect(self, features: list[torch.Tensor], proposals: torch.Tensor,
+               proposals_valid: torch.Tensor, image_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Detections per image: boxes float[N, D, 4] (canvas pixels), scores float[N, D],
+        classes int64[N, D] in 1..K, valid bool[N, D], mask probabilities float[N, D, M, M]
+        of each detection's class; sorted by score, padded with score 0 and valid False."""
+        n, p, _ = proposals.shape
+        k = self.num_classes
+        logits, deltas = self.box_head(self._pool(features, proposals, self.pooler_resolution))
+        scores = F.softmax(logits.float(), dim=-1).reshape(n, p, k + 1)[:, :, 1:]  # (N, P, K)
+        deltas = deltas.float().reshape(n, p, k + 1, 4)[:, :, 1:]
+        boxes = decode_boxes(deltas, proposals.float().unsqueeze(2).expand(-1, -1, k, -1),
+                             self.bbox_reg_weights)
+        boxes = clip_boxes(boxes.reshape(n, p * k, 4), image_sizes)  # (N, P*K, 4)
+        scores = scores.reshape(n, p * k)
+        classes = torch.arange(1, k + 1, device=scores.device).repeat(p).expand(n, -1)
+        wide = (boxes[..., 2] - boxes[..., 0] >= MIN_DETECTION_SIZE) & (
+            boxes[..., 3] - boxes[..., 1] >= MIN_DETECTION_SIZE)
+        valid = (scores > self.score_threshold) & wide & proposals_valid.repeat_interleave(k, 1)
+        # Keep the best candidates only (see MAX_NMS_CANDIDATES), then class-wise NMS.
+        top = torch.topk(torch.where(valid, scores, -1.0), min(MAX_NMS_CANDIDATES, p * k), dim=1)
+        boxes = boxes.gather(1, top.indices.unsqueeze(-1).expand(-1, -1, 4))
+        classes = classes.gather(1, top.indices)
+        keep_index, keep = batched_nms_fixed(boxes, top.values, top.values >= 0, classes,
+                                             self.nms_threshold, self.detections_per_image)
+        det_boxes = boxes.gather(1, keep_index.unsqueeze(-1).expand(-1, -1, 4)) * keep[..., None]
+        det_scores = top.values.gather(1, keep_index) * keep
+        det_classes = torch.where(keep, classes.gather(1, keep_index), 0)
+
+        d = det_boxes.shape[1]
+        mask_logits = self.mask_head(self._pool(features, det_boxes, self.mask_pooler_resolution))
+        size = mask_logits.shape[-1]
+        # (N*D, K+1, M, M) -> (N, D, M, M): each detection's class (0 for padding).
+        masks = mask_logits.float().gather(
+            1, det_classes.reshape(-1)[:, None, None, None].expand(-1, 1, size, size))
+        return {
+            "boxes": det_boxes,
+            "scores": det_scores,
+            "classes": det_classes,
+            "valid": keep,
+            "masks": masks.sigmoid().reshape(n, d, size, size),
+        }

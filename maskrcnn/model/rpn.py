@@ -1,0 +1,127 @@
+"""Region proposal network: head, anchor targets, losses and proposals.
+
+Shape legend: N images, L levels, C channels, B anchors per location, A_l = H_l*W_l*B anchors
+on level l, A = sum of A_l, G ground-truth slots, S sampled anchors per image,
+P proposals per image.
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from maskrcnn.model.sampling import match, sample, uniform_keys
+from maskrcnn.ops.boxes import encode_boxes
+from maskrcnn.ops.proposals import generate_proposals
+
+# Proposal deltas are not weighted (torchvision and Detectron2 use (1, 1, 1, 1) for the RPN).
+RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+# Smooth-L1 transition point of the RPN box loss, as torchvision.
+RPN_SMOOTH_L1_BETA = 1.0 / 9
+
+
+class RPNHead(nn.Module):
+    """A 3x3 conv shared by all levels, then per-location objectness and box deltas."""
+
+    def __init__(self, channels: int, anchors_per_location: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.cls_logits = nn.Conv2d(channels, anchors_per_location, 1)
+        self.bbox_pred = nn.Conv2d(channels, anchors_per_location * 4, 1)
+        for layer in (self.conv, self.cls_logits, self.bbox_pred):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.constant_(layer.bias, 0.0)
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor],
+                                                            list[torch.Tensor]]:
+        """features: per level float[N, C, H_l, W_l] -> per level objectness float[N, A_l]
+        and deltas float[N, A_l, 4], in the anchors' order (location-major, then anchor)."""
+        objectness, deltas = [], []
+        for feature in features:
+            t = F.relu(self.conv(feature))
+            n, _, h, w = t.shape
+            # (N, B, H, W) -> (N, H, W, B) -> (N, H*W*B)
+            objectness.append(self.cls_logits(t).permute(0, 2, 3, 1).reshape(n, -1))
+            # (N, B*4, H, W) -> (N, B, 4, H, W) -> (N, H, W, B, 4) -> (N, H*W*B, 4)
+            d = self.bbox_pred(t).reshape(n, -1, 4, h, w).permute(0, 3, 4, 1, 2)
+            deltas.append(d.reshape(n, -1, 4))
+        return objectness, deltas
+
+
+class RPN(nn.Module):
+    """Proposals from FPN features, and the RPN losses when training.
+
+    Args:
+        channels: FPN channels C.
+        anchors_per_location: B.
+        batch_size_per_image, positive_fraction: anchor sampling for the losses.
+        fg_iou_threshold, bg_iou_threshold: anchor labels (IoU with ground truth).
+        pre_nms_topk, post_nms_topk: (train, test) pairs: per level before NMS, per image after.
+        nms_threshold: IoU of proposal NMS; min_box_size: smaller proposals are dropped.
+    """
+
+    def __init__(self, channels: int, anchors_per_location: int, batch_size_per_image: int,
+                 positive_fraction: float, fg_iou_threshold: float, bg_iou_threshold: float,
+                 pre_nms_topk: tuple[int, int], post_nms_topk: tuple[int, int],
+                 nms_threshold: float, min_box_size: float):
+        super().__init__()
+        self.head = RPNHead(channels, anchors_per_location)
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.fg_iou_threshold = fg_iou_threshold
+        self.bg_iou_threshold = bg_iou_threshold
+        self.pre_nms_topk = pre_nms_topk
+        self.post_nms_topk = post_nms_topk
+        self.nms_threshold = nms_threshold
+        self.min_box_size = min_box_size
+        self.keys = uniform_keys  # tests swap in deterministic keys
+
+    def forward(self, features: list[torch.Tensor], anchors: list[torch.Tensor],
+                image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    list[torch.Tensor], list[torch.Tensor]]:
+        """Proposals for each image.
+
+        Returns boxes float[N, P, 4], scores float[N, P] (logits), valid bool[N, P], and the
+        head's per-level objectness and deltas (for `losses`).
+        """
+        objectness, deltas = self.head(features)
+        mode = 0 if self.training else 1
+        boxes, scores, valid = generate_proposals(
+            [o.detach().float() for o in objectness], [d.detach().float() for d in deltas],
+            anchors, image_sizes, self.pre_nms_topk[mode], self.post_nms_topk[mode],
+            self.nms_threshold, self.min_box_size,
+        )
+        return boxes, scores, valid, objectness, deltas
+
+    def losses(self, objectness: list[torch.Tensor], deltas: list[torch.Tensor],
+               anchors: list[torch.Tensor], gt_boxes: torch.Tensor,
+               gt_valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """loss_rpn_cls (BCE over sampled anchors) and loss_rpn_box (smooth L1 over positive
+        anchors), both divided by the number of sampled anchors in the batch."""
+        all_anchors = torch.cat(anchors)  # (A, 4)
+        logits = torch.cat(objectness, dim=1).float()  # (N, A)
+        pred = torch.cat(deltas, dim=1).float()  # (N, A, 4)
+        anchor_valid = torch.ones(all_anchors.shape[0], dtype=torch.bool,
+                                  device=all_anchors.device)
+        matched, labels = match(all_anchors, anchor_valid, gt_boxes, gt_valid,
+                                self.fg_iou_threshold, self.bg_iou_threshold,
+                                allow_low_quality=True)
+        index, is_fg, valid = sample(labels, self.batch_size_per_image, self.positive_fraction,
+                                     self.keys)
+        # Gather the S sampled anchors of each image: (N, A, ...) -> (N, S, ...).
+        sampled_logits = logits.gather(1, index)
+        sampled_pred = pred.gather(1, index.unsqueeze(-1).expand(-1, -1, 4))
+        sampled_anchors = all_anchors[index]  # (N, S, 4)
+        sampled_gt = gt_boxes.float().gather(1, matched.gather(1, index).unsqueeze(-1)
+                                             .expand(-1, -1, 4))
+        # Non-foreground samples regress onto themselves (target 0): padded ground truth would
+        # give log(0) and a NaN gradient even where the loss is masked out.
+        sampled_gt = torch.where(is_fg.unsqueeze(-1), sampled_gt, sampled_anchors)
+        targets = encode_boxes(sampled_gt, sampled_anchors, RPN_BOX_WEIGHTS)
+        count = valid.sum().clamp(min=1)
+        cls = F.binary_cross_entropy_with_logits(sampled_logits, is_fg.float(), reduction="none")
+        box = F.smooth_l1_loss(sampled_pred, targets, beta=RPN_SMOOTH_L1_BETA,
+                               reduction="none").sum(-1)
+        return {
+            "loss_rpn_cls": (cls * valid).sum() / count,
+            "loss_rpn_box": (box * is_fg).sum() / count,
+        }

@@ -1,0 +1,124 @@
+"""The whole model on static shapes: losses, detections, batch independence, tracing."""
+
+import math
+
+import pytest
+import torch
+
+from maskrcnn.config import load_config
+from maskrcnn.model.maskrcnn import build_model
+
+LOSS_KEYS = {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask"}
+CANVAS = (128, 160)
+
+
+def _fixed_keys(labels):
+    """Deterministic sampling keys that depend only on the candidate index, so every image
+    draws the same keys whatever batch it is in."""
+    index = torch.arange(labels.shape[1], dtype=torch.float64, device=labels.device)
+    keys = torch.remainder(torch.sin(index * 12.9898) * 43758.5453, 1.0).float()
+    return keys.expand(labels.shape)
+
+
+def _config():
+    return load_config("shapes", [
+        "data { canvas { height: 128 width: 160 } short_side: 128 max_long_side: 160 "
+        "max_instances: 4 gt_mask_size: 16 }",
+        "model { fpn_channels: 32 roi_heads { box_head_dim: 64 mask_head_channels: 16 "
+        "batch_size_per_image: 64 max_fg_masks_per_image: 16 } "
+        "rpn { pre_nms_topk_train: 200 post_nms_topk_train: 100 pre_nms_topk_test: 100 "
+        "post_nms_topk_test: 50 } }",
+    ])
+
+
+def _batch(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 255, (n, 3, *CANVAS), dtype=torch.uint8, generator=g)
+    image_sizes = torch.tensor([[128, 160], [100, 150], [128, 96], [90, 90]])[:n]
+    gt_boxes = torch.zeros(n, 4, 4)
+    gt_valid = torch.zeros(n, 4, dtype=torch.bool)
+    gt_classes = torch.zeros(n, 4, dtype=torch.int64)
+    for i in range(n):
+        count = 1 + i % 3 if i < 3 else 0  # the fourth image has no annotations
+        xy = torch.rand(count, 2, generator=g) * 50
+        wh = 10 + torch.rand(count, 2, generator=g) * 40
+        gt_boxes[i, :count] = torch.cat([xy, xy + wh], 1)
+        gt_valid[i, :count] = True
+        gt_classes[i, :count] = torch.randint(1, 6, (count,), generator=g)
+    gt_masks = (torch.rand(n, 4, 16, 16, generator=g) > 0.4).to(torch.uint8) * 255
+    return images, image_sizes, gt_boxes, gt_classes, gt_valid, gt_masks
+
+
+def _model():
+    torch.manual_seed(0)
+    model = build_model(_config())
+    model.rpn.keys = _fixed_keys
+    model.roi_heads.keys = _fixed_keys
+    return model
+
+
+def test_training_returns_the_five_losses_also_without_annotations():
+    """If this fails, a loss key is missing or non-finite for some batch (DDP would hang or
+    training would stop), e.g. when images have no annotations."""
+    model = _model().train()
+    full = _batch(4)
+    for batch in (full, tuple(t[3:] for t in full)):  # the last image has no annotations
+        losses = model(*batch)
+        assert set(losses) == LOSS_KEYS
+        assert all(v.dim() == 0 and math.isfinite(v.item()) for v in losses.values())
+        model.zero_grad()
+        sum(losses.values()).backward()
+        for name, p in model.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+def test_detections_have_fixed_shapes():
+    """If this fails, inference output shapes depend on the data (no static shapes)."""
+    model = _model().eval()
+    images, sizes = _batch(2)[:2]
+    out = model(images, sizes)
+    d = model.roi_heads.detections_per_image
+    assert out["boxes"].shape == (2, d, 4) and out["scores"].shape == (2, d)
+    assert out["classes"].shape == (2, d) and out["valid"].shape == (2, d)
+    assert out["masks"].shape == (2, d, 28, 28)
+    assert (out["scores"][~out["valid"]] == 0).all()
+
+
+def test_batch_of_m_equals_m_batches_of_one():
+    """If this fails, images in a batch influence each other (padding or batching changes the
+    maths): each per-image loss of a batch of 3 must equal the loss of that image alone."""
+    model = _model().train()
+    proposals = []
+    model.rpn.register_forward_hook(lambda module, args, out: proposals.append(out[:3]))
+    batch = _batch(3)
+    together = model(*batch)
+    alone = [model(*(t[i:i + 1] for t in batch)) for i in range(3)]
+    for i in range(3):  # proposals of an image do not depend on the batch
+        torch.testing.assert_close(proposals[0][0][i], proposals[i + 1][0][0], rtol=1e-4,
+                                   atol=1e-3)
+    # Sampled counts per image are equal (enough candidates), so batch losses normalised by
+    # the total count are the mean of the per-image ones; the mask loss is normalised by the
+    # foreground count, which differs per image, so it is compared per image below.
+    for key in ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"):
+        mean = sum(a[key] for a in alone) / 3
+        torch.testing.assert_close(together[key], mean, rtol=1e-4, atol=1e-6)
+    heads = model.roi_heads
+    fg = []
+    for i in range(3):
+        gt = [t[i:i + 1] for t in batch[2:5]]
+        sampled = heads.sample_rois(proposals[i + 1][0], proposals[i + 1][2], *gt)
+        fg.append(sampled["is_fg"][:, :heads.max_fg_masks].sum())
+    assert sum(fg) > 0 and together["loss_box"] > 0
+    weighted = sum(f * a["loss_mask"] for f, a in zip(fg, alone, strict=True)) / sum(fg)
+    torch.testing.assert_close(together["loss_mask"], weighted, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_traces_without_graph_breaks(training):
+    """If this fails, the training or inference forward has a host synchronisation or a
+    data-dependent shape that breaks the compiled graph."""
+    model = _model().train(training)
+    batch = _batch(2)
+    inputs = batch if training else batch[:2]
+    explanation = torch._dynamo.explain(model)(*inputs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
