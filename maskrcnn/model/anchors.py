@@ -6,6 +6,12 @@ B = len(aspect_ratios) base anchors per location.
 Anchor layout matches torchvision's AnchorGenerator (and so its RPN head's output order):
 location-major (y, then x), then the B base anchors; base anchors are centred on the location's
 top-left corner (x = j * stride, no half-stride offset) and rounded to integers.
+
+The stride is torchvision's too: canvas size // feature map size, per axis. On the canvases
+we allow (multiples of 32) that is the nominal stride on P2..P5, but not always on P6: a
+canvas 800 high has a 13-row P6 and torchvision spaces its anchors 800 // 13 = 61 px apart,
+not 64 (P6 cell i actually looks at input pixel 64 i). Its published weights were trained
+with these anchors, so we use them as well.
 """
 
 import math
@@ -37,10 +43,19 @@ def level_shapes(canvas: tuple[int, int], strides: Sequence[int]) -> list[tuple[
     return shapes
 
 
-def grid_anchors(shape: tuple[int, int], stride: int, base: torch.Tensor) -> torch.Tensor:
-    """float32[H*W*B, 4] anchors of one level: base anchors at every location."""
-    ys = torch.arange(shape[0], dtype=torch.float32) * stride
-    xs = torch.arange(shape[1], dtype=torch.float32) * stride
+def anchor_strides(canvas: tuple[int, int],
+                   shapes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(y, x) anchor spacing of each level: canvas // level size per axis, as torchvision's
+    AnchorGenerator (see the module docstring)."""
+    return [(canvas[0] // h, canvas[1] // w) for h, w in shapes]
+
+
+def grid_anchors(shape: tuple[int, int], stride: tuple[int, int],
+                 base: torch.Tensor) -> torch.Tensor:
+    """float32[H*W*B, 4] anchors of one level: base anchors at every location, `stride`
+    (y, x) pixels apart."""
+    ys = torch.arange(shape[0], dtype=torch.float32) * stride[0]
+    xs = torch.arange(shape[1], dtype=torch.float32) * stride[1]
     y, x = torch.meshgrid(ys, xs, indexing="ij")
     shifts = torch.stack([x, y, x, y], dim=-1).reshape(-1, 1, 4)  # (H*W, 1, 4)
     return (shifts + base.reshape(1, -1, 4)).reshape(-1, 4)  # (H*W, B, 4) -> (H*W*B, 4)
@@ -68,8 +83,9 @@ class AnchorCache(nn.Module):
                 self.register_buffer(f"canvas{index}_level{level}", anchors, persistent=False)
 
     def _compute(self, canvas: tuple[int, int]) -> list[torch.Tensor]:
+        shapes = level_shapes(canvas, self.strides)
         return [grid_anchors(shape, stride, base_anchors(size, self.aspect_ratios))
-                for shape, stride, size in zip(level_shapes(canvas, self.strides), self.strides,
+                for shape, stride, size in zip(shapes, anchor_strides(canvas, shapes),
                                                self.sizes, strict=True)]
 
     def forward(self, canvas: tuple[int, int]) -> list[torch.Tensor]:

@@ -1,5 +1,6 @@
 """Anchors per canvas: same boxes and order as torchvision's AnchorGenerator."""
 
+import pytest
 import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
@@ -22,10 +23,12 @@ def test_base_anchors_hand_computed():
     assert base_anchors(32, [2.0]).tolist() == [[-11.0, -23.0, 11.0, 23.0]]
 
 
-def test_same_anchors_as_torchvision():
+@pytest.mark.parametrize("canvas", [(256, 320), (800, 1344), (320, 416)])
+def test_same_anchors_as_torchvision(canvas):
     """If this fails, our RPN would not be interchangeable with torchvision's (weights from
-    torchvision would predict deltas for different anchors)."""
-    canvas = (256, 320)
+    torchvision would predict deltas for different anchors). The last two canvases are not
+    multiples of 64: torchvision's P6 anchors are then 800 // 13 = 61 (resp. 416 // 7 = 59)
+    px apart, not 64."""
     ours = AnchorCache([canvas], SIZES, RATIOS, STRIDES)(canvas)
     generator = AnchorGenerator(tuple((s,) for s in SIZES), (tuple(RATIOS),) * len(SIZES))
     features = [torch.zeros(1, 1, h, w) for h, w in level_shapes(canvas, STRIDES)]
