@@ -26,6 +26,9 @@ flags.DEFINE_string("train_images", None, "Folder of the training images.")
 flags.DEFINE_string("val_json", None, "Validation annotations (COCO instances json).")
 flags.DEFINE_string("val_images", None, "Folder of the validation images.")
 flags.DEFINE_string("output_dir", None, "Where checkpoints, logs and the resolved config go.")
+flags.DEFINE_string("device", "auto", "cpu, cuda, cuda:K, or auto (the GPU if there is one).")
+flags.DEFINE_string("checkpoint", None, "A checkpoint file (eval, predict). Its config is the "
+                    "base unless --config is given.")
 
 FLAGS = flags.FLAGS
 DATA_FLAGS = ("train_json", "train_images", "val_json", "val_images")
@@ -43,9 +46,17 @@ def _data_dir_paths(data_dir: str) -> dict[str, str]:
     }
 
 
-def config_from_flags() -> config_pb2.Config:
-    """The resolved config for this process's flags (call after absl has parsed them)."""
-    layers = read_layers(FLAGS.config)
+def config_from_flags(base_text: str | None = None,
+                      base_source: str = "") -> config_pb2.Config:
+    """The resolved config for this process's flags (call after absl has parsed them).
+
+    base_text: a resolved config (e.g. a checkpoint's) used as the first layer instead of
+    --config's file, unless --config was given explicitly.
+    """
+    if base_text is not None and not FLAGS["config"].present:
+        layers = [Layer(base_source, parse_text(base_text, base_source))]
+    else:
+        layers = read_layers(FLAGS.config)
     if FLAGS.data_dir:
         layer = config_pb2.Config()
         for name, value in _data_dir_paths(FLAGS.data_dir).items():

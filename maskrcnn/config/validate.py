@@ -41,6 +41,11 @@ def _model_problems(model: config_pb2.ModelConfig) -> Iterator[Problem]:
                       model.backbone.depth in (18, 34, 50, 101), "must be 18, 34, 50 or 101")
     yield from _check("model.backbone.frozen_stages", model.backbone.frozen_stages,
                       0 <= model.backbone.frozen_stages <= 5, "must be in 0..5")
+    yield from _check("model.backbone.norm", config_pb2.Norm.Name(model.backbone.norm),
+                      not (model.backbone.weights_path
+                           and model.backbone.norm != config_pb2.FROZEN_BN),
+                      "must be FROZEN_BN with weights_path (ImageNet weights carry batch-norm "
+                      "statistics)")
     yield from _positive("model.num_classes", model.num_classes)
     yield from _positive("model.fpn_channels", model.fpn_channels)
     anchors = model.anchors
@@ -157,7 +162,7 @@ def _solver_problems(solver: config_pb2.SolverConfig) -> Iterator[Problem]:
 def _run_problems(run: config_pb2.RunConfig) -> Iterator[Problem]:
     yield from _positive("run.num_gpus", run.num_gpus)
     yield from _positive("run.images_per_gpu", run.images_per_gpu)
-    for name in ("eval_period_epochs", "checkpoint_period_epochs"):
+    for name in ("eval_period_epochs", "checkpoint_period_epochs", "checkpoint_period_steps"):
         yield from _check(f"run.{name}", getattr(run, name), getattr(run, name) >= 0,
                           "must be >= 0 (0 = only at the end)")
     yield from _positive("run.log_period_steps", run.log_period_steps)

@@ -29,25 +29,36 @@ _STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 _OPTIONAL_BN_KEY = "num_batches_tracked"
 
 
+# Groups of the GroupNorm option (Wu and He, 2018); every ResNet width is a multiple of it.
+GN_GROUPS = 32
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(GN_GROUPS, channels)
+
+
 class ResNetBody(nn.Module):
-    """torchvision's ResNet without avgpool and fc, batch norm frozen.
+    """torchvision's ResNet without avgpool and fc, batch norm frozen (or group norm).
 
     Args:
         depth: 18, 34, 50 or 101.
         frozen_stages: 0 = none, 1 = stem (conv1, bn1), 2 = stem + layer1 (res2), ... 5 = all;
             frozen parameters get requires_grad False.
+        group_norm: trained GroupNorm instead of FrozenBatchNorm2d, for training from scratch
+            (frozen batch norm at its initial identity leaves a deep body unnormalised).
 
     Attributes:
         out_channels: channels of C2..C5.
     """
 
-    def __init__(self, depth: int, frozen_stages: int):
+    def __init__(self, depth: int, frozen_stages: int, group_norm: bool = False):
         super().__init__()
         if depth not in _RESNETS:
             raise ValueError(f"ResNet depth must be one of {sorted(_RESNETS)}, got {depth}")
         if not 0 <= frozen_stages <= len(_STAGES):
             raise ValueError(f"frozen_stages must be in 0..{len(_STAGES)}, got {frozen_stages}")
-        resnet = _RESNETS[depth](weights=None, norm_layer=FrozenBatchNorm2d)
+        norm = _group_norm if group_norm else FrozenBatchNorm2d
+        resnet = _RESNETS[depth](weights=None, norm_layer=norm)
         self.conv1 = resnet.conv1
         self.bn1 = resnet.bn1
         self.relu = resnet.relu
@@ -129,15 +140,17 @@ class Backbone(nn.Module):
         frozen_stages: see ResNetBody.
         fpn_channels: channels of every FPN level.
         weights_path: torchvision ImageNet checkpoint for the body; "" keeps random weights.
+        group_norm: see ResNetBody.
 
     Attributes:
         strides: strides of P2..P6.
         out_channels: fpn_channels.
     """
 
-    def __init__(self, depth: int, frozen_stages: int, fpn_channels: int, weights_path: str = ""):
+    def __init__(self, depth: int, frozen_stages: int, fpn_channels: int, weights_path: str = "",
+                 group_norm: bool = False):
         super().__init__()
-        self.body = ResNetBody(depth, frozen_stages)
+        self.body = ResNetBody(depth, frozen_stages, group_norm)
         self.fpn = FPN(self.body.out_channels, fpn_channels)
         self.strides = [4, 8, 16, 32, 64]
         self.out_channels = fpn_channels

@@ -7,7 +7,7 @@ P proposals per image, D detections per image, M mask side, K foreground classes
 import torch
 from torch import nn
 
-from maskrcnn.config import Config
+from maskrcnn.config import Config, config_pb2
 from maskrcnn.model.anchors import AnchorCache
 from maskrcnn.model.backbone import Backbone
 from maskrcnn.model.roi_heads import RoIHeads
@@ -77,7 +77,8 @@ def build_model(config: Config) -> MaskRCNN:
     strides = list(m.anchors.strides)
     return MaskRCNN(
         backbone=Backbone(m.backbone.depth, m.backbone.frozen_stages, m.fpn_channels,
-                          m.backbone.weights_path),
+                          m.backbone.weights_path,
+                          group_norm=m.backbone.norm == config_pb2.GROUP_NORM),
         anchors=AnchorCache([(c.height, c.width) for c in config.data.canvas],
                             list(m.anchors.sizes), list(m.anchors.aspect_ratios), strides),
         rpn=RPN(m.fpn_channels, len(m.anchors.aspect_ratios), rpn.batch_size_per_image,

@@ -90,6 +90,9 @@ def test_config_file_path_and_relative_base(tmp_path):
     ("data { canvas { height: 500 width: 512 } }", "data.canvas = 500x512"),
     ("model { anchors { sizes: [8, 16] } }", "must have one size per FPN level (5 strides)"),
     ("solver {", 'Expected "}"'),
+    ("model { backbone { norm: GROUP_NORM weights_path: 'r50.pth' } }",
+     "model.backbone.norm = GROUP_NORM: must be FROZEN_BN with weights_path"),
+    ("run { checkpoint_period_steps: -1 }", "run.checkpoint_period_steps = -1: must be >= 0"),
 ])
 def test_bad_override_names_override_and_field(override, message):
     """If this fails, a bad --set gives a vague or multi-line error."""

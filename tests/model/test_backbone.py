@@ -298,3 +298,16 @@ def test_backbone_has_no_graph_breaks():
     explanation = torch._dynamo.explain(backbone)(torch.randn(1, 3, 64, 96))
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
+
+
+def test_group_norm_body_trains_its_norms_and_is_batch_independent():
+    """If this fails, the from-scratch option (backbone.norm: GROUP_NORM) is not group norm,
+    its norms are not trained, or one image's features depend on the others in its batch."""
+    body = ResNetBody(18, 0, group_norm=True).eval()
+    norms = [m for m in body.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms and not any(isinstance(m, FrozenBatchNorm2d) for m in body.modules())
+    assert all(m.weight.requires_grad for m in norms)
+    x = torch.randn(3, 3, 64, 96)
+    together = body(x)[-1]
+    alone = body(x[1:2])[-1]
+    torch.testing.assert_close(together[1:2], alone, rtol=1e-4, atol=1e-5)
