@@ -7,6 +7,8 @@ from absl import app
 
 from maskrcnn.config import ConfigError
 from maskrcnn.data.coco import DatasetError
+from maskrcnn.engine.checkpoint import CheckpointError
+from maskrcnn.engine.trainer import NonFiniteLossError
 
 
 def _one_line(error: Exception) -> str:
@@ -19,14 +21,15 @@ def _one_line(error: Exception) -> str:
 
 
 def run_command(main: Callable[[], None]) -> None:
-    """Parses flags and runs main(); ConfigError and DatasetError exit with one line."""
+    """Parses flags and runs main(); bad input (config, data, checkpoint) and a non-finite
+    loss exit with one line."""
 
     def absl_main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         try:
             main()
-        except (ConfigError, DatasetError) as error:
+        except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as error:
             print(f"error: {_one_line(error)}", file=sys.stderr)
             sys.exit(2)
 

@@ -1,20 +1,27 @@
-"""`python -m maskrcnn.train --config=shapes`: the main job.
+"""`python -m maskrcnn.train --config=shapes`: train, evaluate, and draw some predictions.
 
-Until the model and trainer exist (issues 3 and 4), it resolves the config, prepares the data
-(generating the built-in synthetic set on first use), prints the data statistics and writes a
-picture of one training batch with its ground truth to <output_dir>/train_batch.png.
+With no data flags the `shapes` config generates the built-in synthetic dataset once (into
+$MASKRCNN_CACHE or ~/.cache/maskrcnn), trains on it, evaluates box and mask AP on its val split
+and writes <output_dir>/predictions.png. `--resume` continues from the latest checkpoint in the
+output dir.
 """
 
 from pathlib import Path
 
-from absl import logging
+from absl import flags
 
 from maskrcnn.cli import run_command
 from maskrcnn.config import Config, to_text
-from maskrcnn.config.flags import config_from_flags
+from maskrcnn.config.flags import FLAGS, config_from_flags
 from maskrcnn.data.coco import CocoDataset
-from maskrcnn.data.loader import build_dataset, build_train_loader, read_coco, resolve_data_paths
-from maskrcnn.visualize import draw_batch
+from maskrcnn.engine import checkpoint as ckpt
+from maskrcnn.engine.predictions import draw_dataset_predictions
+from maskrcnn.engine.trainer import Trainer, resolve_device
+
+flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in the output dir.")
+flags.DEFINE_integer("debug_exit_after_step", 0, "Testing: end the process abruptly (as if "
+                     "killed) right after this step.")
+PREVIEW_IMAGES = 4  # val images drawn with their predictions at the end
 
 
 def write_config(config: Config, output_dir: Path) -> Path:
@@ -43,34 +50,25 @@ def main() -> None:
     config = config_from_flags()
     output_dir = Path(config.run.output_dir)
     print(f"resolved config written to {write_config(config, output_dir)}")
-
-    paths = resolve_data_paths(config)
-    num_classes = config.model.num_classes
-    train_coco = read_coco(paths.train_json, paths.train_images, train=True,
-                           num_classes=num_classes)
-    print(describe("train", train_coco))
-    if paths.val_json:
-        val_coco = read_coco(paths.val_json, paths.val_images, train=False,
-                             num_classes=num_classes)
-        print(describe("val", val_coco))
-
-    dataset = build_dataset(config, train_coco, train=True)
-    loader, sampler = build_train_loader(config, dataset)
-    canvases = [f"{c.height}x{c.width}" for c in config.data.canvas]
-    per_canvas = {canvases[i]: int((dataset.canvas_of == i).sum()) for i in range(len(canvases))}
-    print(f"canvases (images each): {per_canvas}; {sampler.steps_per_epoch} steps per epoch of "
-          f"{sampler.global_batch} images")
-
-    sampler.set_epoch(0)
-    batch = next(iter(loader))
-    picture = output_dir / "train_batch.png"
-    draw_batch(batch, train_coco.class_names).save(picture)
-    print(f"one training batch: images {tuple(batch.images.shape)}, gt_boxes "
-          f"{tuple(batch.gt_boxes.shape)}, gt_masks {tuple(batch.gt_masks.shape)}, "
-          f"{int(batch.gt_valid.sum())} instances, {int(batch.num_dropped.sum())} beyond "
-          f"G={config.data.max_instances} dropped")
-    print(f"wrote {picture}")
-    logging.info("done")
+    trainer = Trainer(config, resolve_device(FLAGS.device))
+    print(describe("train", trainer.train_coco))
+    if trainer.val_coco is not None:
+        print(describe("val", trainer.val_coco))
+    if FLAGS.resume:
+        latest = ckpt.latest_checkpoint(output_dir)
+        if latest is None:
+            print(f"--resume: no checkpoint in {output_dir / ckpt.CHECKPOINT_DIR}; "
+                  "starting from scratch")
+        else:
+            trainer.resume(latest)
+    result = trainer.train(exit_after_step=FLAGS.debug_exit_after_step)
+    if result.metrics:
+        print(f"box AP {result.metrics['bbox/AP']:.3f}, mask AP {result.metrics['segm/AP']:.3f} "
+              f"on {trainer.val_json}")
+    if trainer.val_coco is not None:
+        picture = output_dir / "predictions.png"
+        draw_dataset_predictions(trainer, PREVIEW_IMAGES).save(picture)
+        print(f"predictions on {PREVIEW_IMAGES} val images drawn in {picture}")
 
 
 def run() -> None:

@@ -56,6 +56,11 @@ def draw_batch(batch: Batch, class_names: Sequence[str]) -> Image.Image:
                  for m, b in zip(batch.gt_masks[n].numpy()[valid], boxes, strict=True)]
         labels = [class_names[k - 1] for k in classes]
         pictures.append(draw_instances(image, boxes, classes, labels, masks))
+    return side_by_side(pictures)
+
+
+def side_by_side(pictures: Sequence[Image.Image]) -> Image.Image:
+    """Pictures in one row on a white sheet."""
     gap = 8  # pixels between images
     sheet = Image.new("RGB", (sum(p.width for p in pictures) + gap * (len(pictures) - 1),
                               max(p.height for p in pictures)), (255, 255, 255))

@@ -82,6 +82,10 @@ def _loader(dataset: DetectionDataset, batch_sampler, num_workers: int) -> DataL
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        # Its own generator: creating an iterator draws a seed from it, which must not consume
+        # the global RNG that the training step samples from (a resumed run starts its
+        # iterator at another step, and would then draw different sampling keys).
+        generator=torch.Generator().manual_seed(0),
     )
 
 

@@ -1,0 +1,100 @@
+"""Predictions on image files: preprocessing like the val pipeline, COCO-format results,
+pictures with boxes, class names, scores and masks drawn.
+
+Shape legend: H x W an image's size as stored on disk.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from maskrcnn.config import Config
+from maskrcnn.data.batch import collate
+from maskrcnn.data.coco import DatasetError
+from maskrcnn.data.transforms import (
+    choose_canvas,
+    load_image,
+    pad_to_canvas,
+    resize_image,
+    resized_size,
+)
+from maskrcnn.engine.evaluate import detections_to_coco
+from maskrcnn.engine.trainer import autocast_dtype, unwrap
+from maskrcnn.visualize import draw_instances, side_by_side
+
+
+def _sample(path: Path, config: Config, image_id: int) -> tuple[np.ndarray, dict]:
+    """An image as stored, and its model input (a Batch's fields, without ground truth)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except OSError as error:
+        raise DatasetError(f"cannot read image {path}: {error}") from None
+    image = load_image(path, "--input", height, width)
+    canvases = [(c.height, c.width) for c in config.data.canvas]
+    canvas = canvases[choose_canvas(height, width, canvases)]
+    size = resized_size(height, width, config.data.short_side, config.data.max_long_side,
+                        canvas)
+    g, s = 1, config.data.gt_mask_size
+    return image, {
+        "images": pad_to_canvas(resize_image(image, size), canvas),
+        "image_sizes": np.array(size, np.int64),
+        "orig_sizes": np.array([height, width], np.int64),
+        "image_ids": np.array(image_id, np.int64),
+        "flipped": np.array(False),
+        "gt_boxes": np.zeros((g, 4), np.float32),
+        "gt_classes": np.zeros(g, np.int64),
+        "gt_valid": np.zeros(g, bool),
+        "gt_masks": np.zeros((g, s, s), np.uint8),
+        "num_dropped": np.array(0, np.int64),
+    }
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, paths: Sequence[Path], config: Config,
+            device: torch.device, category_ids: Sequence[int]) -> list[tuple[np.ndarray,
+                                                                             list[dict]]]:
+    """(image uint8[H, W, 3], COCO results of that image, image_id = its position)."""
+    was_training = model.training
+    model.eval()
+    dtype = autocast_dtype(config)
+    out = []
+    try:
+        for image_id, path in enumerate(paths):
+            image, sample = _sample(path, config, image_id)
+            batch = collate([sample]).to(device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                detections = model(batch.images, batch.image_sizes)
+            detections = {k: v.float() if v.is_floating_point() else v
+                          for k, v in detections.items()}
+            out.append((image, detections_to_coco(detections, batch, category_ids)))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def draw_predictions(image: np.ndarray, results: list[dict], category_ids: Sequence[int],
+                     class_names: Sequence[str], threshold: float):
+    """A picture of one image's results scoring at least threshold."""
+    shown = [r for r in results if r["score"] >= threshold]
+    classes = [list(category_ids).index(r["category_id"]) + 1 for r in shown]
+    boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in shown)],
+                     np.float32).reshape(-1, 4)
+    labels = [f"{class_names[k - 1]} {r['score']:.2f}" for k, r in zip(classes, shown,
+                                                                        strict=True)]
+    masks = [mask_utils.decode(r["segmentation"]).astype(bool) for r in shown]
+    return draw_instances(image, boxes, classes, labels, masks)
+
+
+def draw_dataset_predictions(trainer, count: int, threshold: float = 0.5):
+    """Predictions of the trained model on the first `count` val images, side by side."""
+    coco = trainer.val_coco
+    paths = [record.path for record in coco.records[:count]]
+    predictions = predict(unwrap(trainer.model), paths, trainer.config, trainer.device,
+                          coco.category_ids)
+    return side_by_side([draw_predictions(image, results, coco.category_ids, coco.class_names,
+                                          threshold) for image, results in predictions])

@@ -1,0 +1,309 @@
+"""The training loop: steps without host synchronisation, logs, checkpoints, evaluation.
+
+One step is: move the batch to the device, forward under autocast, backward (scaled for fp16),
+optional clipping by global norm, SGD step, LR schedule step. Loss values stay on the device and
+are summed there; the host reads them once per log interval, which is also when a non-finite
+loss is noticed (it stops the run naming the loss term and the first bad step; checkpoints are
+only written after the same check, so the last one on disk is always a good one).
+"""
+
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from maskrcnn.config import Config, to_text
+from maskrcnn.config.config_pb2 import BF16, FP16
+from maskrcnn.data.batch import Batch
+from maskrcnn.data.loader import (
+    build_dataset,
+    build_eval_loader,
+    build_train_loader,
+    read_coco,
+    resolve_data_paths,
+)
+from maskrcnn.engine import checkpoint as ckpt
+from maskrcnn.engine.evaluate import evaluate
+from maskrcnn.engine.events import EventWriter
+from maskrcnn.engine.solver import build_lr_scheduler, build_optimizer, make_schedule
+from maskrcnn.model.maskrcnn import MaskRCNN, build_model
+
+LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(config: Config) -> torch.dtype | None:
+    return {BF16: torch.bfloat16, FP16: torch.float16}.get(config.run.precision)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated by tensors, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def unwrap(model: torch.nn.Module) -> MaskRCNN:
+    """The MaskRCNN inside torch.compile / DistributedDataParallel wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def model_inputs(batch: Batch, channels_last: bool) -> tuple[torch.Tensor, ...]:
+    images = batch.images
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return (images, batch.image_sizes, batch.gt_boxes, batch.gt_classes, batch.gt_valid,
+            batch.gt_masks)
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source) -> None:
+    """Loads a checkpoint's model weights, or stops with one line naming the checkpoint."""
+    try:
+        unwrap(model).load_state_dict(state)
+    except RuntimeError as error:
+        raise ckpt.CheckpointError(f"checkpoint {source} does not fit this config's model: "
+                                   f"{str(error).splitlines()[1].strip()}") from None
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: dict[str, float]  # the final evaluation's, empty without a val split
+    checkpoint: Path | None
+
+
+class Trainer:
+    """Everything one training process holds. Rank 0 logs, writes events and checkpoints."""
+
+    def __init__(self, config: Config, device: torch.device, *, rank: int = 0,
+                 world_size: int = 1, log=None):
+        self.config = config
+        self.device = device
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        self.output_dir = Path(config.run.output_dir)
+        self._log = log or (lambda text: tqdm.write(text, file=sys.stdout))
+        torch.manual_seed(config.run.seed)
+
+        paths = resolve_data_paths(config)
+        num_classes = config.model.num_classes
+        self.train_coco = read_coco(paths.train_json, paths.train_images, train=True,
+                                    num_classes=num_classes)
+        self.val_json = paths.val_json
+        self.val_coco = (read_coco(paths.val_json, paths.val_images, train=False,
+                                   num_classes=num_classes) if paths.val_json else None)
+        dataset = build_dataset(config, self.train_coco, train=True)
+        self.loader, self.sampler = build_train_loader(config, dataset, rank=rank,
+                                                       world_size=world_size)
+        self.schedule = make_schedule(config, len(dataset), self.sampler.steps_per_epoch)
+
+        self.model = build_model(config).to(device)
+        if config.run.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, config, self.schedule)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.schedule)
+        self.autocast_dtype = autocast_dtype(config)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.run.precision == FP16)
+        self.forward = torch.compile(self.model) if config.run.compile else self.model
+        self.step = 0
+
+    def log(self, text: str) -> None:
+        if self.is_main:
+            self._log(text)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state(self) -> dict:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.schedule.epoch_of(self.step),
+            "rng": ckpt.rng_states(),
+            "config": to_text(self.config),
+            "category_ids": list(self.train_coco.category_ids),
+            "class_names": list(self.train_coco.class_names),
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.is_main:
+            return None
+        self._check_parameters_finite()
+        path = ckpt.save_atomic(self.state(), ckpt.checkpoint_path(self.output_dir, self.step))
+        self.log(f"checkpoint written to {path}")
+        return path
+
+    def resume(self, path: Path) -> None:
+        state = ckpt.load(path)
+        try:
+            unwrap(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this config: "
+                                       f"{str(error).splitlines()[0]}") from None
+        ckpt.set_rng_states(state["rng"])
+        self.step = state["step"]
+        if state["config"] != to_text(self.config):
+            self.log(f"warning: the config differs from the one {path} was written with")
+        self.log(f"resumed from {path} at step {self.step} (epoch "
+                 f"{self.schedule.epoch_of(self.step)})")
+
+    def _check_parameters_finite(self) -> None:
+        for name, parameter in unwrap(self.model).named_parameters():
+            if not torch.isfinite(parameter).all():
+                raise NonFiniteLossError(f"parameter {name} is not finite at step {self.step}; "
+                                         "no checkpoint written")
+
+    # ---------------------------------------------------------------- steps
+
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        """One optimisation step; returns the five losses float32[5] (on the device)."""
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None):
+            losses = self.forward(*model_inputs(batch, self.config.run.channels_last))
+        stacked = torch.stack([losses[k].float() for k in LOSS_KEYS])
+        self.scaler.scale(stacked.sum()).backward()
+        if self.config.solver.grad_clip_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                           self.config.solver.grad_clip_norm)
+        # With fp16, GradScaler.step reads whether gradients overflowed (one host sync per
+        # step, inherent to dynamic loss scaling); fp32 and bf16 never synchronise here.
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        return stacked.detach()
+
+    def evaluate(self) -> dict[str, float]:
+        if self.val_coco is None:
+            return {}
+        dataset = build_dataset(self.config, self.val_coco, train=False)
+        loader = build_eval_loader(self.config, dataset, rank=self.rank,
+                                   world_size=self.world_size)
+        return evaluate(unwrap(self.model), loader, self.val_json,
+                        self.val_coco.category_ids, self.output_dir, self.device,
+                        self.autocast_dtype, log=self.log)
+
+    def train(self, exit_after_step: int = 0) -> TrainResult:
+        """Trains to the end of the schedule from self.step (0, or where resume left off).
+
+        exit_after_step: test hook; the process ends abruptly (os._exit, as if killed)
+        right after that step and any checkpoint due at it.
+        """
+        config, schedule = self.config, self.schedule
+        period = config.run.log_period_steps
+        events = EventWriter(self.output_dir / "events") if self.is_main else None
+        self.log(f"training {schedule.total_steps} steps of {schedule.global_batch} images "
+                 f"({config.solver.epochs} epochs of {schedule.steps_per_epoch} steps), "
+                 f"base LR {schedule.base_lr:g}, on {self.device}")
+        sums = torch.zeros(len(LOSS_KEYS), device=self.device)
+        first_bad = torch.full((len(LOSS_KEYS),), -1, dtype=torch.int64, device=self.device)
+        interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+        metrics: dict[str, float] = {}
+        last_checkpoint = None
+        # The bar only on a terminal; log lines (with their own ETA) go everywhere.
+        progress = tqdm(total=schedule.total_steps, initial=self.step, unit="step",
+                        disable=not (self.is_main and sys.stderr.isatty()), dynamic_ncols=True,
+                        file=sys.stderr)
+        while self.step < schedule.total_steps:
+            epoch = schedule.epoch_of(self.step)
+            self.sampler.set_epoch(epoch, self.step - epoch * schedule.steps_per_epoch)
+            batches = iter(self.loader)
+            while True:
+                wait_start = time.perf_counter()
+                batch = next(batches, None)
+                data_wait += time.perf_counter() - wait_start
+                if batch is None:
+                    break
+                losses = self.train_step(batch.to(self.device))
+                sums += losses
+                bad = ~torch.isfinite(losses) & (first_bad < 0)
+                first_bad = torch.where(bad, self.step, first_bad)
+                self.step += 1
+                interval_steps += 1
+                progress.update(1)
+                end_of_epoch = self.step % schedule.steps_per_epoch == 0
+                done_epochs = self.step // schedule.steps_per_epoch
+                last = self.step == schedule.total_steps
+                if self.step % period == 0 or last:
+                    self._report(sums, first_bad, interval_steps,
+                                 time.perf_counter() - interval_start, data_wait, events)
+                    sums.zero_()
+                    interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+                if (last or (config.run.checkpoint_period_steps
+                             and self.step % config.run.checkpoint_period_steps == 0)
+                        or (end_of_epoch and config.run.checkpoint_period_epochs
+                            and done_epochs % config.run.checkpoint_period_epochs == 0)):
+                    self._raise_if_bad(first_bad)
+                    last_checkpoint = self.save_checkpoint() or last_checkpoint
+                if last or (end_of_epoch and config.run.eval_period_epochs
+                            and done_epochs % config.run.eval_period_epochs == 0):
+                    metrics = self.evaluate()
+                    if events is not None and metrics:
+                        events.scalars(self.step, metrics)
+                    interval_start = time.perf_counter()  # evaluation is not training time
+                if self.step == exit_after_step:
+                    sys.stdout.flush()
+                    os._exit(17)
+                if last:
+                    break
+        progress.close()
+        if events is not None:
+            events.close()
+        return TrainResult(self.step, metrics, last_checkpoint)
+
+    def _raise_if_bad(self, first_bad: torch.Tensor) -> None:
+        bad = [(step, key) for key, step in zip(LOSS_KEYS, first_bad.tolist(), strict=True)
+               if step >= 0]
+        if bad:
+            step, key = min(bad)  # the first to go wrong; the others follow from it
+            raise NonFiniteLossError(
+                f"{key} became non-finite at step {step + 1}; stopping (the last "
+                f"checkpoint on disk, if any, was written before it)")
+
+    def _report(self, sums: torch.Tensor, first_bad: torch.Tensor, steps: int, seconds: float,
+                data_wait: float, events: EventWriter | None) -> None:
+        """One log line from the interval's sums (the one host read of the interval)."""
+        self._raise_if_bad(first_bad)
+        means = (sums / steps).tolist()
+        lr = self.optimizer.param_groups[0]["lr"]
+        images_per_s = steps * self.schedule.global_batch / max(seconds, 1e-9)
+        memory = peak_memory_mib(self.device)
+        values = dict(zip(LOSS_KEYS, means, strict=True))
+        eta = (self.schedule.total_steps - self.step) * seconds / steps
+        self.log(f"step {self.step}/{self.schedule.total_steps} "
+                 f"epoch {self.step / self.schedule.steps_per_epoch:.2f} "
+                 + " ".join(f"{k[5:]} {v:.4f}" for k, v in values.items())
+                 + f" total {sum(means):.4f} lr {lr:.3g} {images_per_s:.2f} img/s "
+                 f"data-wait {data_wait / max(seconds, 1e-9):.0%} peak-mem {memory:.0f} MiB "
+                 f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
+        if events is not None:
+            events.scalars(self.step, {**{f"loss/{k}": v for k, v in values.items()},
+                                       "loss/total": sum(means), "lr": lr,
+                                       "speed/images_per_s": images_per_s,
+                                       "speed/data_wait": data_wait / max(seconds, 1e-9),
+                                       "memory/peak_mib": memory})

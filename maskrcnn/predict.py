@@ -1,0 +1,84 @@
+"""`python -m maskrcnn.predict --checkpoint=PATH --input=IMAGE_OR_FOLDER`: draw predictions.
+
+For each image it writes <output_dir>/<image name>.png with the boxes, class names, scores and
+masks drawn, and all detections together in <output_dir>/predictions.json, a COCO-format file
+(images, categories, and annotations with scores and RLE masks).
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from absl import flags
+from pycocotools import mask as mask_utils
+
+from maskrcnn.cli import run_command
+from maskrcnn.config.flags import FLAGS, config_from_flags
+from maskrcnn.data.coco import DatasetError
+from maskrcnn.engine import checkpoint as ckpt
+from maskrcnn.engine.predictions import draw_predictions, predict
+from maskrcnn.engine.trainer import load_model_state, resolve_device
+from maskrcnn.model.maskrcnn import build_model
+
+flags.DEFINE_multi_string("input", [], "An image file or a folder of images. Repeatable.")
+flags.DEFINE_float("draw_threshold", 0.5, "Only detections scoring at least this are drawn.")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def find_images(inputs: Sequence[str]) -> list[Path]:
+    """The image files named, and those inside the folders named (sorted)."""
+    paths = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise DatasetError(f"--input={name}: no such file or folder")
+    if not paths:
+        raise DatasetError(f"no images found in {', '.join(inputs) or '(no --input)'}")
+    return paths
+
+
+def main() -> None:
+    if not FLAGS.checkpoint:
+        raise DatasetError("--checkpoint is required")
+    state = ckpt.load(Path(FLAGS.checkpoint))
+    config = config_from_flags(state["config"], f"{FLAGS.checkpoint} (its config)")
+    device = resolve_device(FLAGS.device)
+    model = build_model(config)
+    load_model_state(model, state["model"], FLAGS.checkpoint)
+    model.to(device)
+    paths = find_images(FLAGS.input)
+    category_ids, class_names = state["category_ids"], state["class_names"]
+    output_dir = Path(FLAGS.output_dir or Path(config.run.output_dir) / "predictions")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for path, (image, results) in zip(paths, predict(model, paths, config, device,
+                                                     category_ids), strict=True):
+        picture = output_dir / f"{path.stem}.png"
+        draw_predictions(image, results, category_ids, class_names,
+                         FLAGS.draw_threshold).save(picture)
+        image_id = len(images)
+        images.append({"id": image_id, "file_name": str(path), "height": image.shape[0],
+                       "width": image.shape[1]})
+        for r in results:
+            annotations.append({**r, "id": len(annotations) + 1, "iscrowd": 0,
+                                "area": float(mask_utils.area(r["segmentation"]))})
+        print(f"{path}: {sum(r['score'] >= FLAGS.draw_threshold for r in results)} detections "
+              f"scoring >= {FLAGS.draw_threshold} drawn in {picture}")
+    categories = [{"id": c, "name": n} for c, n in zip(category_ids, class_names, strict=True)]
+    path = output_dir / "predictions.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": categories}))
+    print(f"{len(annotations)} detections written to {path}")
+
+
+def run() -> None:
+    """Console-script entry point (`maskrcnn-predict`)."""
+    run_command(main)
+
+
+if __name__ == "__main__":
+    run()
