@@ -8,6 +8,7 @@ from absl import app
 from maskrcnn.config import ConfigError
 from maskrcnn.data.coco import DatasetError
 from maskrcnn.engine.checkpoint import CheckpointError
+from maskrcnn.engine.distributed import DistributedError
 from maskrcnn.engine.trainer import NonFiniteLossError
 
 
@@ -21,15 +22,16 @@ def _one_line(error: Exception) -> str:
 
 
 def run_command(main: Callable[[], None]) -> None:
-    """Parses flags and runs main(); bad input (config, data, checkpoint) and a non-finite
-    loss exit with one line."""
+    """Parses flags and runs main(); bad input (config, data, checkpoint), a non-finite loss
+    and a failed collective (another rank died or hung) exit with one line."""
 
     def absl_main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         try:
             main()
-        except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as error:
+        except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError,
+                DistributedError) as error:
             print(f"error: {_one_line(error)}", file=sys.stderr)
             sys.exit(2)
 

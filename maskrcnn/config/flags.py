@@ -29,6 +29,11 @@ flags.DEFINE_string("output_dir", None, "Where checkpoints, logs and the resolve
 flags.DEFINE_string("device", "auto", "cpu, cuda, cuda:K, or auto (the GPU if there is one).")
 flags.DEFINE_string("checkpoint", None, "A checkpoint file (eval, predict). Its config is the "
                     "base unless --config is given.")
+# Long enough for rank 0 to score a COCO val set (pycocotools: minutes for 5000 images) while
+# the other ranks wait for it in their next collective.
+flags.DEFINE_float("dist_timeout_s", 600, "Under torchrun: seconds any collective may wait "
+                   "for the other ranks before the job stops with an error naming the rank "
+                   "and the operation. Must exceed rank 0's COCO scoring time at evaluations.")
 
 FLAGS = flags.FLAGS
 DATA_FLAGS = ("train_json", "train_images", "val_json", "val_images")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from maskrcnn.config import Config
+from maskrcnn.config import Config, ConfigError
 from maskrcnn.data.batch import collate
 from maskrcnn.data.coco import CocoDataset, DatasetError
 from maskrcnn.data.dataset import DetectionDataset
@@ -92,6 +92,13 @@ def _loader(dataset: DetectionDataset, batch_sampler, num_workers: int) -> DataL
 def build_train_loader(config: Config, dataset: DetectionDataset, *, rank: int = 0,
                        world_size: int = 1) -> tuple[DataLoader, GroupedBatchSampler]:
     """This rank's training loader and its sampler (call sampler.set_epoch before each epoch)."""
+    images = config.solver.images_per_epoch or len(dataset)
+    global_batch = config.run.images_per_gpu * world_size
+    if 0 < images < global_batch:
+        raise ConfigError(f"an epoch of {images} images (solver.images_per_epoch, 0 = the "
+                          f"training set) is shorter than one global batch of {global_batch} "
+                          f"(run.images_per_gpu {config.run.images_per_gpu} x {world_size} "
+                          "processes)")
     sampler = GroupedBatchSampler(
         dataset.canvas_of,
         config.run.images_per_gpu,

@@ -59,10 +59,11 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def rng_states() -> dict[str, Any]:
-    """Every random generator a training step draws from."""
+    """Every random generator a training step draws from. On CUDA that is the current
+    device's (each rank's own GPU; identical on every rank, so rank 0's fits any of them)."""
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
@@ -70,7 +71,7 @@ def rng_states() -> dict[str, Any]:
 
 def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if isinstance(states["cuda"], torch.Tensor) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])

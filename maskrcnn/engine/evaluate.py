@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from maskrcnn.data.batch import Batch
+from maskrcnn.engine import distributed
 from maskrcnn.ops.paste_masks import paste_masks
 
 IOU_TYPES = ("bbox", "segm")
@@ -116,8 +117,11 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Batch], gt_json: Path,
              log=print) -> dict[str, float]:
     """Scores the model on every image of the loader against gt_json.
 
-    Writes the results (bbox and segm in one COCO results file) to
-    output_dir/coco_results.json when output_dir is given. Returns {"bbox/AP": ..., ...}.
+    Data parallel (a process group with several ranks): every rank calls this with the loader
+    of its own shard; results are gathered on rank 0, which writes and scores them once, and
+    every rank returns rank 0's metrics. Writes the results (bbox and segm in one COCO results
+    file, ordered by image id) to output_dir/coco_results.json when output_dir is given.
+    Returns {"bbox/AP": ..., ...}.
     """
     was_training = model.training
     model.eval()
@@ -136,9 +140,17 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Batch], gt_json: Path,
             image_ids += batch.image_ids.tolist()
     finally:
         model.train(was_training)
+    shards = distributed.gather_to_main((results, image_ids),
+                                        "gathering the COCO results on rank 0")
+    if shards is None:  # not rank 0
+        return distributed.broadcast_from_main(None, "receiving the metrics from rank 0")
+    results = sorted((r for shard, _ in shards for r in shard), key=lambda r: r["image_id"])
+    image_ids = [i for _, shard_ids in shards for i in shard_ids]
     seconds = time.perf_counter() - start
     log(f"inference: {len(image_ids)} images in {seconds:.1f} s "
-        f"({len(image_ids) / max(seconds, 1e-9):.1f} images/s), {len(results)} detections")
+        f"({len(image_ids) / max(seconds, 1e-9):.1f} images/s"
+        f"{f' over {len(shards)} ranks' if len(shards) > 1 else ''}), "
+        f"{len(results)} detections")
     if output_dir is not None:
         path = Path(output_dir) / "coco_results.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,4 +173,4 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Batch], gt_json: Path,
             names = sorted(k for k in metrics if k.startswith(f"{iou_type}/AP-"))
             log(f"{iou_type} AP per category: " + ", ".join(
                 f"{k.split('/AP-', 1)[1]} {metrics[k]:.3f}" for k in names))
-    return metrics
+    return distributed.broadcast_from_main(metrics, "sending the metrics from rank 0")

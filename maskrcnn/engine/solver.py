@@ -37,6 +37,14 @@ class Schedule:
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
+    def equivalent_step(self, step: int, global_batch: int, steps_per_epoch: int) -> int:
+        """This schedule's step at the point where a run with another global batch (and so
+        steps_per_epoch) stood at `step`: the same epoch and, within it, as many whole global
+        batches of this schedule as the images that run had seen in the epoch fill."""
+        epoch, into = divmod(step, steps_per_epoch)
+        return epoch * self.steps_per_epoch + min(into * global_batch // self.global_batch,
+                                                  self.steps_per_epoch)
+
 
 def make_schedule(config: Config, train_images: int, steps_per_epoch: int) -> Schedule:
     """The schedule of a run whose sampler gives steps_per_epoch steps per epoch."""
@@ -71,6 +79,11 @@ def build_optimizer(model: nn.Module, config: Config, schedule: Schedule) -> tor
     )
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer,
-                       schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_factor)
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule,
+                       step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule, positioned at `step` (the next step to run) with this schedule's
+    base LR, whatever the optimizer's param groups held before (e.g. from a checkpoint
+    written with another global batch)."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = schedule.base_lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_factor, last_epoch=step - 1)

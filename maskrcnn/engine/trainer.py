@@ -5,16 +5,25 @@ optional clipping by global norm, SGD step, LR schedule step. Loss values stay o
 are summed there; the host reads them once per log interval, which is also when a non-finite
 loss is noticed (it stops the run naming the loss term and the first bad step; checkpoints are
 only written after the same check, so the last one on disk is always a good one).
+
+Data parallelism (world_size > 1, in a process group from engine/distributed.py): the model is
+wrapped in DistributedDataParallel, each rank reads its M-slice of every global batch, and the
+step does the maths of one process holding the whole global batch: sampling keys are drawn for
+the global batch and sliced (sampling.global_batch_keys), loss normalisers are counts over the
+global batch (distributed.global_counts), and DDP averages the gradients. Logged losses are
+averaged over the ranks and the non-finite check sees every rank's, so all ranks stop together.
 """
 
 import os
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from maskrcnn.config import Config, to_text
@@ -28,10 +37,12 @@ from maskrcnn.data.loader import (
     resolve_data_paths,
 )
 from maskrcnn.engine import checkpoint as ckpt
+from maskrcnn.engine import distributed
 from maskrcnn.engine.evaluate import evaluate
 from maskrcnn.engine.events import EventWriter
 from maskrcnn.engine.solver import build_lr_scheduler, build_optimizer, make_schedule
 from maskrcnn.model.maskrcnn import MaskRCNN, build_model
+from maskrcnn.model.sampling import global_batch_keys
 
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")
 
@@ -84,6 +95,27 @@ def load_model_state(model: torch.nn.Module, state: dict, source) -> None:
                                    f"{str(error).splitlines()[1].strip()}") from None
 
 
+def fit_world_size(config: Config, world_size: int) -> tuple[Config, str | None]:
+    """The config with run.num_gpus set to the number of processes actually training, and a
+    note for the log when that changed it.
+
+    The processes started define the global batch (world_size x run.images_per_gpu) and so
+    the LR (solver.base_lr_per_image x global batch); epochs count images, so the schedule
+    still covers the same data, in more or fewer steps. warmup_steps stays in steps.
+    """
+    if config.run.num_gpus == world_size:
+        return config, None
+    fitted = Config()
+    fitted.CopyFrom(config)
+    fitted.run.num_gpus = world_size
+    batch = world_size * config.run.images_per_gpu
+    return fitted, (f"note: the config's run.num_gpus is {config.run.num_gpus} but "
+                    f"{world_size} process(es) are training: global batch {world_size} x "
+                    f"{config.run.images_per_gpu} = {batch} images, LR "
+                    f"{config.solver.base_lr_per_image:g} x {batch} = "
+                    f"{config.solver.base_lr_per_image * batch:g}")
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -96,12 +128,15 @@ class Trainer:
 
     def __init__(self, config: Config, device: torch.device, *, rank: int = 0,
                  world_size: int = 1, log=None):
-        self.config = config
         self.device = device
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
-        self.output_dir = Path(config.run.output_dir)
         self._log = log or (lambda text: tqdm.write(text, file=sys.stdout))
+        config, note = fit_world_size(config, world_size)
+        self.config = config
+        if note:
+            self.log(note)
+        self.output_dir = Path(config.run.output_dir)
         torch.manual_seed(config.run.seed)
 
         paths = resolve_data_paths(config)
@@ -123,7 +158,25 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.schedule)
         self.autocast_dtype = autocast_dtype(config)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.run.precision == FP16)
-        self.forward = torch.compile(self.model) if config.run.compile else self.model
+        self.forward = self.model
+        if world_size > 1:
+            for stage in (self.model.rpn, self.model.roi_heads):
+                stage.keys = global_batch_keys(rank, world_size)
+                stage.normalizers = distributed.global_counts
+            # Every trainable parameter gets a gradient in every step, also without ground
+            # truth (tests/engine/test_distributed.py), so DDP need not look for unused ones
+            # (static_graph would add nothing then, and does not suit torch.compile's
+            # DDPOptimizer). Buffers (frozen BN, anchors) never change: not broadcast per step.
+            with distributed.collective("DDP setup (broadcast of rank 0's parameters)"), \
+                    warnings.catch_warnings():
+                # torch 2.13 renamed broadcast_buffers (forward_sync_buffers), which the GPU
+                # image's torch 2.11 lacks; both mean what is asked here.
+                warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")
+                self.forward = DistributedDataParallel(
+                    self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                    broadcast_buffers=False, gradient_as_bucket_view=True)
+        if config.run.compile:  # after DDP, so that DDPOptimizer splits at its buckets
+            self.forward = torch.compile(self.forward)
         self.step = 0
 
     def log(self, text: str) -> None:
@@ -140,6 +193,10 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": self.schedule.epoch_of(self.step),
+            # What a run with another number of processes needs to find its place (resume).
+            "world_size": self.world_size,
+            "global_batch": self.schedule.global_batch,
+            "steps_per_epoch": self.schedule.steps_per_epoch,
             "rng": ckpt.rng_states(),
             "config": to_text(self.config),
             "category_ids": list(self.train_coco.category_ids),
@@ -147,29 +204,52 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path | None:
+        self._check_parameters_finite()  # on every rank, so that all stop together
         if not self.is_main:
             return None
-        self._check_parameters_finite()
         path = ckpt.save_atomic(self.state(), ckpt.checkpoint_path(self.output_dir, self.step))
         self.log(f"checkpoint written to {path}")
         return path
 
     def resume(self, path: Path) -> None:
-        state = ckpt.load(path)
+        """Continues from a checkpoint (every rank calls this; rank 0 reads the file and
+        sends it to the others, so only its node needs the output dir).
+
+        With the global batch the checkpoint was written at, the run continues exactly. With
+        another one (another number of processes), it continues at the same epoch and, within
+        it, after as many whole global batches as the images the checkpoint had seen in that
+        epoch fill; the LR follows this run's schedule from there (base LR for this global
+        batch), and model, momentum, loss scaler and RNG states carry over.
+        """
+        state = distributed.broadcast_from_main(ckpt.load(path) if self.is_main else None,
+                                                "sending the checkpoint from rank 0")
+        schedule = self.schedule
         try:
             unwrap(self.model).load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
             self.scaler.load_state_dict(state["scaler"])
+            same_batch = state["global_batch"] == schedule.global_batch
+            if same_batch:
+                self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+                self.step = state["step"]
+            else:
+                self.step = schedule.equivalent_step(state["step"], state["global_batch"],
+                                                     state["steps_per_epoch"])
+                self.lr_scheduler = build_lr_scheduler(self.optimizer, schedule, self.step)
+            saved_world = state["world_size"]
         except (KeyError, RuntimeError, ValueError) as error:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit this config: "
                                        f"{str(error).splitlines()[0]}") from None
         ckpt.set_rng_states(state["rng"])
-        self.step = state["step"]
-        if state["config"] != to_text(self.config):
+        if state["config"] != to_text(fit_world_size(self.config, saved_world)[0]):
             self.log(f"warning: the config differs from the one {path} was written with")
+        if not same_batch:
+            self.log(f"{path} was written at step {state['step']} of global batch "
+                     f"{state['global_batch']} ({saved_world} process(es)); this run has "
+                     f"global batch {schedule.global_batch}: continuing at step {self.step}, "
+                     f"LR {self.optimizer.param_groups[0]['lr']:.3g}")
         self.log(f"resumed from {path} at step {self.step} (epoch "
-                 f"{self.schedule.epoch_of(self.step)})")
+                 f"{schedule.epoch_of(self.step)})")
 
     def _check_parameters_finite(self) -> None:
         for name, parameter in unwrap(self.model).named_parameters():
@@ -182,10 +262,12 @@ class Trainer:
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimisation step; returns the five losses float32[5] (on the device)."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None):
+                            enabled=self.autocast_dtype is not None), \
+                distributed.collective("forward (all_reduce of the loss normalisers)"):
             losses = self.forward(*model_inputs(batch, self.config.run.channels_last))
         stacked = torch.stack([losses[k].float() for k in LOSS_KEYS])
-        self.scaler.scale(stacked.sum()).backward()
+        with distributed.collective("backward (DDP's all_reduce of the gradients)"):
+            self.scaler.scale(stacked.sum()).backward()
         if self.config.solver.grad_clip_norm > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(),
@@ -208,18 +290,20 @@ class Trainer:
                         self.val_coco.category_ids, self.output_dir, self.device,
                         self.autocast_dtype, log=self.log)
 
-    def train(self, exit_after_step: int = 0) -> TrainResult:
+    def train(self, exit_after_step: int = 0, exit_rank: int = -1) -> TrainResult:
         """Trains to the end of the schedule from self.step (0, or where resume left off).
 
-        exit_after_step: test hook; the process ends abruptly (os._exit, as if killed)
-        right after that step and any checkpoint due at it.
+        exit_after_step: test hook; the process ends abruptly (os._exit(17), as if killed)
+        right after that step and any checkpoint due at it; only rank exit_rank does if it
+        is not -1.
         """
         config, schedule = self.config, self.schedule
         period = config.run.log_period_steps
         events = EventWriter(self.output_dir / "events") if self.is_main else None
         self.log(f"training {schedule.total_steps} steps of {schedule.global_batch} images "
                  f"({config.solver.epochs} epochs of {schedule.steps_per_epoch} steps), "
-                 f"base LR {schedule.base_lr:g}, on {self.device}")
+                 f"base LR {schedule.base_lr:g}, on {self.device}"
+                 + (f" in each of {self.world_size} processes" if self.world_size > 1 else ""))
         sums = torch.zeros(len(LOSS_KEYS), device=self.device)
         first_bad = torch.full((len(LOSS_KEYS),), -1, dtype=torch.int64, device=self.device)
         interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
@@ -266,7 +350,7 @@ class Trainer:
                     if events is not None and metrics:
                         events.scalars(self.step, metrics)
                     interval_start = time.perf_counter()  # evaluation is not training time
-                if self.step == exit_after_step:
+                if self.step == exit_after_step and exit_rank in (-1, self.rank):
                     sys.stdout.flush()
                     os._exit(17)
                 if last:
@@ -277,6 +361,13 @@ class Trainer:
         return TrainResult(self.step, metrics, last_checkpoint)
 
     def _raise_if_bad(self, first_bad: torch.Tensor) -> None:
+        """Stops at the first non-finite loss of any rank (all ranks stop together)."""
+        if self.world_size > 1:
+            never = torch.iinfo(torch.int64).max
+            first_bad = torch.where(first_bad < 0, never, first_bad)
+            distributed.all_reduce_(first_bad, torch.distributed.ReduceOp.MIN,
+                                    "all_reduce of the non-finite loss check")
+            first_bad = torch.where(first_bad == never, -1, first_bad)
         bad = [(step, key) for key, step in zip(LOSS_KEYS, first_bad.tolist(), strict=True)
                if step >= 0]
         if bad:
@@ -287,9 +378,13 @@ class Trainer:
 
     def _report(self, sums: torch.Tensor, first_bad: torch.Tensor, steps: int, seconds: float,
                 data_wait: float, events: EventWriter | None) -> None:
-        """One log line from the interval's sums (the one host read of the interval)."""
+        """One log line from the interval's sums (the one host read of the interval), averaged
+        over the ranks: with global-batch normalisers, the loss of the global batch."""
         self._raise_if_bad(first_bad)
-        means = (sums / steps).tolist()
+        sums = sums.clone()
+        distributed.all_reduce_(sums, torch.distributed.ReduceOp.SUM,
+                                "all_reduce of the logged losses")
+        means = (sums / (steps * self.world_size)).tolist()
         lr = self.optimizer.param_groups[0]["lr"]
         images_per_s = steps * self.schedule.global_batch / max(seconds, 1e-9)
         memory = peak_memory_mib(self.device)

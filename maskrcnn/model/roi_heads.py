@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from maskrcnn.data.gt_masks import mask_targets
-from maskrcnn.model.sampling import match, sample, uniform_keys
+from maskrcnn.model.sampling import local_counts, match, sample, uniform_keys
 from maskrcnn.ops.boxes import clip_boxes, decode_boxes, encode_boxes
 from maskrcnn.ops.nms import batched_nms_fixed
 from maskrcnn.ops.roi_align import multilevel_roi_align
@@ -108,6 +108,7 @@ class RoIHeads(nn.Module):
         self.detections_per_image = detections_per_image
         self.aligned = aligned
         self.keys = uniform_keys  # tests swap in deterministic keys
+        self.normalizers = local_counts  # data-parallel training sums counts over ranks
 
     def _pool(self, features: list[torch.Tensor], boxes: torch.Tensor,
               resolution: int) -> torch.Tensor:
@@ -144,13 +145,13 @@ class RoIHeads(nn.Module):
                gt_valid: torch.Tensor, gt_masks: torch.Tensor) -> dict[str, torch.Tensor]:
         """loss_cls (cross entropy over sampled RoIs), loss_box (smooth L1 of the true class's
         deltas over foreground RoIs, divided by the sampled count) and loss_mask (per-pixel
-        BCE of the true class's mask over the foreground mask slots)."""
+        BCE of the true class's mask, averaged over the foreground mask slots). Counts are
+        the batch's (the global batch's under data parallelism: see `normalizers`)."""
         s = self.sample_rois(proposals, proposals_valid, gt_boxes, gt_classes, gt_valid)
         n, r = s["classes"].shape
         logits, deltas = self.box_head(self._pool(features, s["rois"], self.pooler_resolution))
         logits, deltas = logits.float().reshape(n, r, -1), deltas.float().reshape(n, r, -1, 4)
         valid = s["valid"].float()
-        count = valid.sum().clamp(min=1)
         cls = F.cross_entropy(logits.flatten(0, 1), s["classes"].flatten(), reduction="none")
         matched_boxes = gt_boxes.float().gather(1, s["matched"].unsqueeze(-1).expand(-1, -1, 4))
         # Background RoIs regress onto themselves (target 0; see RPN.losses).
@@ -174,10 +175,11 @@ class RoIHeads(nn.Module):
                               s["matched"][:, :f].reshape(-1), size)
         bce = F.binary_cross_entropy_with_logits(own_mask, target, reduction="none").mean((1, 2))
         fg_weight = fg.reshape(-1).float()
+        count, mask_count = self.normalizers(torch.stack([valid.sum(), fg_weight.sum()]))
         return {
             "loss_cls": (cls * valid.flatten()).sum() / count,
             "loss_box": (box * s["is_fg"]).sum() / count,
-            "loss_mask": (bce * fg_weight).sum() / fg_weight.sum().clamp(min=1),
+            "loss_mask": (bce * fg_weight).sum() / mask_count,
         }
 
     @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from maskrcnn.model.sampling import match, sample, uniform_keys
+from maskrcnn.model.sampling import local_counts, match, sample, uniform_keys
 from maskrcnn.ops.boxes import encode_boxes
 from maskrcnn.ops.proposals import generate_proposals
 
@@ -74,6 +74,7 @@ class RPN(nn.Module):
         self.nms_threshold = nms_threshold
         self.min_box_size = min_box_size
         self.keys = uniform_keys  # tests swap in deterministic keys
+        self.normalizers = local_counts  # data-parallel training sums counts over ranks
 
     def forward(self, features: list[torch.Tensor], anchors: list[torch.Tensor],
                 image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -96,7 +97,8 @@ class RPN(nn.Module):
                anchors: list[torch.Tensor], gt_boxes: torch.Tensor,
                gt_valid: torch.Tensor) -> dict[str, torch.Tensor]:
         """loss_rpn_cls (BCE over sampled anchors) and loss_rpn_box (smooth L1 over positive
-        anchors), both divided by the number of sampled anchors in the batch."""
+        anchors), both divided by the number of sampled anchors in the batch (the global
+        batch under data parallelism: see `normalizers`)."""
         all_anchors = torch.cat(anchors)  # (A, 4)
         logits = torch.cat(objectness, dim=1).float()  # (N, A)
         pred = torch.cat(deltas, dim=1).float()  # (N, A, 4)
@@ -117,7 +119,7 @@ class RPN(nn.Module):
         # give log(0) and a NaN gradient even where the loss is masked out.
         sampled_gt = torch.where(is_fg.unsqueeze(-1), sampled_gt, sampled_anchors)
         targets = encode_boxes(sampled_gt, sampled_anchors, RPN_BOX_WEIGHTS)
-        count = valid.sum().clamp(min=1)
+        count = self.normalizers(valid.sum(dtype=torch.float32).reshape(1))[0]
         cls = F.binary_cross_entropy_with_logits(sampled_logits, is_fg.float(), reduction="none")
         box = F.smooth_l1_loss(sampled_pred, targets, beta=RPN_SMOOTH_L1_BETA,
                                reduction="none").sum(-1)

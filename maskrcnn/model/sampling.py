@@ -19,11 +19,37 @@ from maskrcnn.ops.boxes import box_iou
 FOREGROUND, BACKGROUND, IGNORE = 1, 0, -1
 
 Keys = Callable[[torch.Tensor], torch.Tensor]  # labels int[N, K] -> float[N, K] in [0, 1)
+# Loss normalisers from the counts they divide by: float[C] -> float[C]. One process:
+# `local_counts`; data-parallel training passes distributed.global_counts, which sums the
+# counts over the ranks (see there).
+Normalizers = Callable[[torch.Tensor], torch.Tensor]
 
 
 def uniform_keys(labels: torch.Tensor) -> torch.Tensor:
     """Independent uniform random keys from the global generator (seed with torch.manual_seed)."""
     return torch.rand(labels.shape, device=labels.device)
+
+
+def global_batch_keys(rank: int, world_size: int) -> Keys:
+    """Keys for this rank's N images as rows rank*N .. (rank+1)*N - 1 of the global batch.
+
+    Every rank draws the keys of all world_size x N images from the global generator (seeded
+    and advanced identically on every rank) and keeps its own rows, so an image's keys depend
+    on the seed, the step and its position in the global batch only: N ranks x M images sample
+    what one process of N x M images samples. With world_size 1 this is `uniform_keys`. The
+    draw is world_size times larger than this rank's keys (float[N*world, K], transient).
+    """
+    def keys(labels: torch.Tensor) -> torch.Tensor:
+        n, k = labels.shape
+        drawn = torch.rand((world_size * n, k), device=labels.device)  # (world*N, K)
+        return drawn[rank * n:(rank + 1) * n]
+
+    return keys
+
+
+def local_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Loss normalisers of one process: the counts themselves, at least 1."""
+    return counts.clamp(min=1)
 
 
 def match(candidates: torch.Tensor, candidates_valid: torch.Tensor, gt_boxes: torch.Tensor,

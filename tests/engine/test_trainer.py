@@ -102,9 +102,15 @@ def test_training_step_in_each_precision_and_layout(tmp_path, cache, run):
     trainer = Trainer(config, torch.device("cpu"), log=lambda text: None)
     before = [p.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
     trainer.sampler.set_epoch(0)
-    losses = trainer.train_step(next(iter(trainer.loader)))
-    assert losses.dtype == torch.float32 and losses.shape == (5,)
-    assert torch.isfinite(losses).all()
+    batch = next(iter(trainer.loader))
     after = [p for p in trainer.model.parameters() if p.requires_grad]
-    assert all(torch.isfinite(p).all() for p in after)
+    # fp16's dynamic loss scaling starts high and skips the steps whose scaled gradients
+    # overflow (halving the scale each time), so the first update may come a few steps later.
+    for _ in range(4 if "FP16" in run else 1):
+        losses = trainer.train_step(batch)
+        assert losses.dtype == torch.float32 and losses.shape == (5,)
+        assert torch.isfinite(losses).all()
+        assert all(torch.isfinite(p).all() for p in after)
+        if any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)):
+            break
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
