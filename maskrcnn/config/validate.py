@@ -46,6 +46,11 @@ def _model_problems(model: config_pb2.ModelConfig) -> Iterator[Problem]:
                            and model.backbone.norm != config_pb2.FROZEN_BN),
                       "must be FROZEN_BN with weights_path (ImageNet weights carry batch-norm "
                       "statistics)")
+    yield from _check("model.backbone.norm", config_pb2.Norm.Name(model.backbone.norm),
+                      not (model.backbone.frozen_stages
+                           and model.backbone.norm == config_pb2.BATCH_NORM),
+                      "must not be BATCH_NORM with frozen_stages > 0 (a frozen stage's batch "
+                      "statistics would still change)")
     yield from _positive("model.num_classes", model.num_classes)
     yield from _positive("model.fpn_channels", model.fpn_channels)
     anchors = model.anchors

@@ -154,6 +154,10 @@ class Trainer:
         self.model = build_model(config).to(device)
         if config.run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if world_size > 1 and device.type == "cuda":
+            # backbone.norm BATCH_NORM: statistics over the global batch, as one process would
+            # compute them (SyncBatchNorm needs a GPU; on the CPU each rank uses its own).
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = build_optimizer(self.model, config, self.schedule)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.schedule)
         self.autocast_dtype = autocast_dtype(config)

@@ -37,6 +37,10 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(GN_GROUPS, channels)
 
 
+# Normalisation layers by name (model.backbone.norm in lower case).
+NORMS = {"frozen_bn": FrozenBatchNorm2d, "group_norm": _group_norm, "batch_norm": nn.BatchNorm2d}
+
+
 class ResNetBody(nn.Module):
     """torchvision's ResNet without avgpool and fc, batch norm frozen (or group norm).
 
@@ -44,21 +48,27 @@ class ResNetBody(nn.Module):
         depth: 18, 34, 50 or 101.
         frozen_stages: 0 = none, 1 = stem (conv1, bn1), 2 = stem + layer1 (res2), ... 5 = all;
             frozen parameters get requires_grad False.
-        group_norm: trained GroupNorm instead of FrozenBatchNorm2d, for training from scratch
-            (frozen batch norm at its initial identity leaves a deep body unnormalised).
+        norm: "frozen_bn" (FrozenBatchNorm2d, for ImageNet weights), or for training from
+            scratch (frozen batch norm at its initial identity leaves a deep body
+            unnormalised) "group_norm" (trained GroupNorm, independent of the batch) or
+            "batch_norm" (trained BatchNorm2d with batch statistics).
 
     Attributes:
         out_channels: channels of C2..C5.
     """
 
-    def __init__(self, depth: int, frozen_stages: int, group_norm: bool = False):
+    def __init__(self, depth: int, frozen_stages: int, norm: str = "frozen_bn"):
         super().__init__()
         if depth not in _RESNETS:
             raise ValueError(f"ResNet depth must be one of {sorted(_RESNETS)}, got {depth}")
         if not 0 <= frozen_stages <= len(_STAGES):
             raise ValueError(f"frozen_stages must be in 0..{len(_STAGES)}, got {frozen_stages}")
-        norm = _group_norm if group_norm else FrozenBatchNorm2d
-        resnet = _RESNETS[depth](weights=None, norm_layer=norm)
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
+        scratch = norm != "frozen_bn"
+        # From scratch, each residual block's last norm starts at zero so every block starts as
+        # the identity (Goyal et al. 2017): a deep random body then trains stably at high LR.
+        resnet = _RESNETS[depth](weights=None, norm_layer=NORMS[norm], zero_init_residual=scratch)
         self.conv1 = resnet.conv1
         self.bn1 = resnet.bn1
         self.relu = resnet.relu
@@ -140,7 +150,7 @@ class Backbone(nn.Module):
         frozen_stages: see ResNetBody.
         fpn_channels: channels of every FPN level.
         weights_path: torchvision ImageNet checkpoint for the body; "" keeps random weights.
-        group_norm: see ResNetBody.
+        norm: see ResNetBody.
 
     Attributes:
         strides: strides of P2..P6.
@@ -148,9 +158,9 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, depth: int, frozen_stages: int, fpn_channels: int, weights_path: str = "",
-                 group_norm: bool = False):
+                 norm: str = "frozen_bn"):
         super().__init__()
-        self.body = ResNetBody(depth, frozen_stages, group_norm)
+        self.body = ResNetBody(depth, frozen_stages, norm)
         self.fpn = FPN(self.body.out_channels, fpn_channels)
         self.strides = [4, 8, 16, 32, 64]
         self.out_channels = fpn_channels

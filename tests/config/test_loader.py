@@ -92,6 +92,8 @@ def test_config_file_path_and_relative_base(tmp_path):
     ("solver {", 'Expected "}"'),
     ("model { backbone { norm: GROUP_NORM weights_path: 'r50.pth' } }",
      "model.backbone.norm = GROUP_NORM: must be FROZEN_BN with weights_path"),
+    ("model { backbone { norm: BATCH_NORM frozen_stages: 1 } }",
+     "model.backbone.norm = BATCH_NORM: must not be BATCH_NORM with frozen_stages > 0"),
     ("run { checkpoint_period_steps: -1 }", "run.checkpoint_period_steps = -1: must be >= 0"),
 ])
 def test_bad_override_names_override_and_field(override, message):

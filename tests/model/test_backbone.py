@@ -303,7 +303,7 @@ def test_backbone_has_no_graph_breaks():
 def test_group_norm_body_trains_its_norms_and_is_batch_independent():
     """If this fails, the from-scratch option (backbone.norm: GROUP_NORM) is not group norm,
     its norms are not trained, or one image's features depend on the others in its batch."""
-    body = ResNetBody(18, 0, group_norm=True).eval()
+    body = ResNetBody(18, 0, norm="group_norm").eval()
     norms = [m for m in body.modules() if isinstance(m, nn.GroupNorm)]
     assert norms and not any(isinstance(m, FrozenBatchNorm2d) for m in body.modules())
     assert all(m.weight.requires_grad for m in norms)
@@ -311,3 +311,17 @@ def test_group_norm_body_trains_its_norms_and_is_batch_independent():
     together = body(x)[-1]
     alone = body(x[1:2])[-1]
     torch.testing.assert_close(together[1:2], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_body_trains_its_norms_with_batch_statistics():
+    """If this fails, the from-scratch option backbone.norm: BATCH_NORM is not trained batch
+    norm (frozen, or group norm), or its residual blocks do not start as the identity."""
+    body = ResNetBody(18, 0, norm="batch_norm")
+    norms = [m for m in body.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(m.weight.requires_grad for m in norms)
+    assert all(block.bn2.weight.abs().sum() == 0 for block in body.layer1)  # zero-init residual
+    x = torch.randn(2, 3, 64, 96)
+    body(x)  # training mode: batch statistics, and the running ones move
+    assert not torch.equal(body.bn1.running_mean, torch.zeros_like(body.bn1.running_mean))
+    body.eval()
+    torch.testing.assert_close(body(x)[-1][1:2], body(x[1:2])[-1], rtol=1e-4, atol=1e-5)
