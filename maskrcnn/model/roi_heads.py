@@ -154,9 +154,11 @@ class RoIHeads(nn.Module):
         valid = s["valid"].float()
         cls = F.cross_entropy(logits.flatten(0, 1), s["classes"].flatten(), reduction="none")
         matched_boxes = gt_boxes.float().gather(1, s["matched"].unsqueeze(-1).expand(-1, -1, 4))
-        # Background RoIs regress onto themselves (target 0; see RPN.losses).
-        matched_boxes = torch.where(s["is_fg"].unsqueeze(-1), matched_boxes, s["rois"])
+        # Only foreground RoIs have box targets. The others' encodings may be NaN or infinite
+        # (a padded RoI or padded ground truth has zero width); their loss is multiplied by
+        # 0 below, and 0 x NaN would still be NaN, so their targets are set to 0 here.
         targets = encode_boxes(matched_boxes, s["rois"], self.bbox_reg_weights)
+        targets = torch.where(s["is_fg"].unsqueeze(-1), targets, 0.0)
         # (N, R, K+1, 4) -> (N, R, 4): the deltas of each RoI's own class.
         own = deltas.gather(2, s["classes"][:, :, None, None].expand(-1, -1, 1, 4))[:, :, 0]
         box = F.smooth_l1_loss(own, targets, beta=BOX_SMOOTH_L1_BETA, reduction="none").sum(-1)

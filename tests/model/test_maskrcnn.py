@@ -72,6 +72,22 @@ def test_training_returns_the_five_losses_also_without_annotations():
             assert p.grad is None or torch.isfinite(p.grad).all(), name
 
 
+def test_losses_stay_finite_when_rois_outnumber_proposals():
+    """If this fails, padded RoI slots (fewer valid proposals + ground truth than the R RoIs
+    sampled per image, as with a random-weight R50 early in training) make loss_box or its
+    gradients NaN: a zero-width padded box has no finite box-regression target."""
+    config = _config()
+    config.model.rpn.post_nms_topk_train = 4  # 4 proposals + <= 4 gt boxes << 64 RoIs
+    torch.manual_seed(0)
+    model = build_model(config).train()
+    model.rpn.keys = model.roi_heads.keys = _fixed_keys
+    losses = model(*_batch(4))
+    assert all(math.isfinite(v.item()) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
 def test_detections_have_fixed_shapes():
     """If this fails, inference output shapes depend on the data (no static shapes)."""
     model = _model().eval()
