@@ -6,6 +6,7 @@ P proposals per image, D detections per image, M mask side, K foreground classes
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from maskrcnn.config import Config, config_pb2
 from maskrcnn.model.anchors import AnchorCache
@@ -56,16 +57,22 @@ class MaskRCNN(nn.Module):
         images uint8[N, 3, H, W]; image_sizes int64[N, 2]; gt_boxes float[N, G, 4] (canvas
         pixels); gt_classes int64[N, G]; gt_valid bool[N, G]; gt_masks uint8[N, G, S, S].
         """
-        features = self.backbone(self.normalize(images, image_sizes))
-        anchors = self.anchors((images.shape[-2], images.shape[-1]))
-        proposals, _, proposals_valid, objectness, deltas = self.rpn(features, anchors,
-                                                                     image_sizes)
+        # Profiler scopes (no-ops unless profiling; maskrcnn/bench/breakdown.py sums them).
+        with record_function("backbone+fpn"):
+            features = self.backbone(self.normalize(images, image_sizes))
+        with record_function("rpn+proposals"):
+            anchors = self.anchors((images.shape[-2], images.shape[-1]))
+            proposals, _, proposals_valid, objectness, deltas = self.rpn(features, anchors,
+                                                                         image_sizes)
         pooled = features[:POOLED_LEVELS]
         if not self.training:
-            return self.roi_heads.detect(pooled, proposals, proposals_valid, image_sizes)
-        losses = self.rpn.losses(objectness, deltas, anchors, gt_boxes, gt_valid)
-        losses.update(self.roi_heads.losses(pooled, proposals, proposals_valid, gt_boxes,
-                                            gt_classes, gt_valid, gt_masks))
+            with record_function("roi_heads"):
+                return self.roi_heads.detect(pooled, proposals, proposals_valid, image_sizes)
+        with record_function("rpn_losses"):
+            losses = self.rpn.losses(objectness, deltas, anchors, gt_boxes, gt_valid)
+        with record_function("roi_heads"):
+            losses.update(self.roi_heads.losses(pooled, proposals, proposals_valid, gt_boxes,
+                                                gt_classes, gt_valid, gt_masks))
         return losses
 
 
@@ -78,7 +85,7 @@ def build_model(config: Config) -> MaskRCNN:
     return MaskRCNN(
         backbone=Backbone(m.backbone.depth, m.backbone.frozen_stages, m.fpn_channels,
                           m.backbone.weights_path,
-                          group_norm=m.backbone.norm == config_pb2.GROUP_NORM),
+                          norm=config_pb2.Norm.Name(m.backbone.norm).lower()),
         anchors=AnchorCache([(c.height, c.width) for c in config.data.canvas],
                             list(m.anchors.sizes), list(m.anchors.aspect_ratios), strides),
         rpn=RPN(m.fpn_channels, len(m.anchors.aspect_ratios), rpn.batch_size_per_image,

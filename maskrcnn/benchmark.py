@@ -1,0 +1,283 @@
+"""`python -m maskrcnn.benchmark --config=NAME [--device=cpu|cuda] [--baseline=torchvision]`.
+
+Times our full training step (forward, losses, backward, SGD step, LR step: the trainer's own
+`train_step`) on one synthetic batch at the config's first canvas and run.images_per_gpu,
+built once in memory (maskrcnn/bench/synthetic.py), after warm-up, with the device
+synchronised around every step: images/s (median, min, max), step time, peak memory, counted
+FLOPs and model FLOP utilisation (MFU) against a stated peak; then inference (eval mode, no
+gradients, masks pasted at full resolution) on the same batch. With --baseline=torchvision the
+same for torchvision's Mask R-CNN at equivalent settings, in this process, on the same images
+and targets, and the ratios. Then where our step's time goes (--breakdown) and op
+micro-benchmarks against torchvision.ops at the step's sizes (--ops). --json_out writes the
+whole report as JSON.
+"""
+
+import gc
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+import torchvision
+from absl import flags
+
+from maskrcnn.bench.breakdown import breakdown
+from maskrcnn.bench.measure import (
+    PeakMemory,
+    count_flops,
+    peak_tflops,
+    throughput,
+    time_steps,
+)
+from maskrcnn.bench.ops import bench_ops
+from maskrcnn.bench.step import BenchTrainer, inference_step
+from maskrcnn.bench.synthetic import synthetic_batch, torchvision_inputs
+from maskrcnn.bench.torchvision_baseline import TorchvisionBaseline, unmatched_settings
+from maskrcnn.cli import run_command
+from maskrcnn.config import Config, ConfigError, config_pb2
+from maskrcnn.config.flags import FLAGS, config_from_flags
+from maskrcnn.data.batch import Batch
+from maskrcnn.engine.trainer import resolve_device
+
+BASELINES = ("none", "torchvision")
+flags.DEFINE_string("baseline", "none", "none, or torchvision: also time torchvision's Mask "
+                    "R-CNN at equivalent settings on the same batch, and print the ratios.")
+flags.DEFINE_integer("steps", 20, "Timed steps per measurement (and timed runs per op).")
+flags.DEFINE_integer("warmup", 5, "Untimed steps before each measurement.")
+flags.DEFINE_string("json_out", None, "Also write the full report as JSON to this file.")
+flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s that MFU is stated against; 0 = the "
+                   "GPU's datasheet value, or on a CPU the measured rate of a large matmul.")
+flags.DEFINE_bool("breakdown", True, "Profile where our training step's time goes.")
+flags.DEFINE_bool("ops", True, "Op micro-benchmarks (proposals, ROIAlign) against torchvision.")
+
+# Training steps profiled for the breakdown (at most --steps).
+PROFILE_STEPS = 3
+
+
+def _check_flags() -> torch.device:
+    """Validates this command's flags; returns the device."""
+    if FLAGS.baseline not in BASELINES:
+        raise ConfigError(f"--baseline={FLAGS.baseline}: must be one of {', '.join(BASELINES)}")
+    if FLAGS.steps < 1:
+        raise ConfigError(f"--steps={FLAGS.steps}: must be at least 1")
+    if FLAGS.warmup < 0:
+        raise ConfigError(f"--warmup={FLAGS.warmup}: must be at least 0")
+    if FLAGS.peak_tflops < 0:
+        raise ConfigError(f"--peak_tflops={FLAGS.peak_tflops:g}: must be positive (or 0)")
+    try:
+        device = resolve_device(FLAGS.device)
+    except RuntimeError:
+        raise ConfigError(f"--device={FLAGS.device}: must be cpu, cuda, cuda:K or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device={FLAGS.device}: must be cpu, cuda, cuda:K or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={FLAGS.device}: no CUDA device is available")
+    return device
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _training_record(seconds: list[float], images: int, flops: int, memory: PeakMemory,
+                     peak: float, loss: torch.Tensor, parameters: int, mask_rois: int) -> dict:
+    record = throughput(seconds, images)
+    achieved = flops / (record["step_ms"]["median"] / 1e3) / 1e12
+    record.update(peak_memory_mib=memory.mib, flops_per_step=flops, achieved_tflops=achieved,
+                  mfu=achieved / peak, loss=loss.sum().item(), trainable_parameters=parameters,
+                  mask_rois_per_image=mask_rois / images)
+    return record
+
+
+def _trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def measure_ours(config: Config, batch: Batch, device: torch.device, peak: float) -> dict:
+    """Our training and inference records, and the breakdown (if asked for)."""
+    last = {}
+    with PeakMemory(device) as memory:
+        trainer = BenchTrainer(config, device)
+
+        def train():
+            last["loss"] = trainer.train_step(batch)
+
+        with trainer.eager():
+            flops = count_flops(train)
+        seconds = time_steps(train, device, FLAGS.steps, FLAGS.warmup)
+    roi = config.model.roi_heads
+    mask_rois = len(batch) * min(roi.max_fg_masks_per_image, roi.batch_size_per_image)
+    out = {"train": _training_record(seconds, len(batch), flops, memory, peak, last["loss"],
+                                     _trainable(trainer.model), mask_rois),
+           "memory_kind": memory.kind}
+    if FLAGS.breakdown:
+        with trainer.eager():
+            out["breakdown"] = breakdown(train, trainer.model, device,
+                                         min(PROFILE_STEPS, FLAGS.steps))
+    trainer.model.eval()
+    infer = inference_step(trainer, batch)
+    seconds = time_steps(infer, device, FLAGS.steps, FLAGS.warmup)
+    out["inference"] = throughput(seconds, len(batch))
+    out["inference"]["detections_per_image"] = infer()["valid"].sum().item() / len(batch)
+    return out
+
+
+def measure_torchvision(config: Config, batch: Batch, device: torch.device,
+                        peak: float) -> dict:
+    """torchvision's training and inference records on the same batch."""
+    images, targets = torchvision_inputs(batch)
+    last = {}
+    with PeakMemory(device) as memory:
+        baseline = TorchvisionBaseline(config, device, images, targets)
+
+        def train():
+            last["loss"] = baseline.train_step()
+
+        flops = count_flops(train)
+        seconds = time_steps(train, device, FLAGS.steps, FLAGS.warmup)
+    out = {"train": _training_record(seconds, len(batch), flops, memory, peak, last["loss"],
+                                     _trainable(baseline.model), baseline.mask_rois)}
+    baseline.model.eval()
+    seconds = time_steps(baseline.inference_step, device, FLAGS.steps, FLAGS.warmup)
+    out["inference"] = throughput(seconds, len(batch))
+    out["inference"]["detections_per_image"] = sum(
+        len(d["boxes"]) for d in baseline.inference_step()) / len(batch)
+    return out
+
+
+def run_benchmark(config: Config, device: torch.device) -> dict:
+    """Every measurement of the command, as the JSON report."""
+    batch = synthetic_batch(config, config.run.seed).to(device)
+    n = len(batch)
+    peak, peak_source = peak_tflops(device, config.run.precision, FLAGS.peak_tflops)
+    canvas = config.data.canvas[0]
+    report = {
+        "command": shlex.join(["maskrcnn-benchmark", *sys.argv[1:]]),
+        "environment": {
+            "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else f"cpu, torch threads: {torch.get_num_threads()}"),
+            "torch": torch.__version__, "torchvision": torchvision.__version__},
+        "setup": {
+            "config": FLAGS.config, "canvas": [canvas.height, canvas.width],
+            "images_per_step": n, "gt_slots": config.data.max_instances,
+            "instances_per_image": batch.gt_valid.sum().item() / n,
+            "precision": config_pb2.Precision.Name(config.run.precision),
+            "steps": FLAGS.steps, "warmup": FLAGS.warmup},
+        "peak": {"tflops": peak, "source": peak_source},
+    }
+    ours = measure_ours(config, batch, device, peak)
+    _free(device)  # our model, before the next section measures memory
+    report["memory_kind"] = ours.pop("memory_kind")
+    report["train"] = {"ours": ours["train"]}
+    report["inference"] = {"ours": ours["inference"]}
+    if "breakdown" in ours:
+        report["breakdown"] = ours["breakdown"]
+    if FLAGS.baseline == "torchvision":
+        theirs = measure_torchvision(config, batch, device, peak)
+        _free(device)
+        for section in ("train", "inference"):
+            report[section]["torchvision"] = theirs[section]
+            report[section]["ratio"] = (report[section]["ours"]["images_per_s"]["median"]
+                                        / theirs[section]["images_per_s"]["median"])
+        report["unmatched_settings"] = unmatched_settings(config)
+    if FLAGS.ops:
+        report["ops"] = bench_ops(config, device, FLAGS.steps, max(FLAGS.warmup, 1))
+    return report
+
+
+def _side(record: dict, training: bool) -> list[str]:
+    """One column of the training or inference table."""
+    ips, ms = record["images_per_s"], record["step_ms"]
+    cells = [f"{ips['median']:.2f} ({ips['min']:.2f}..{ips['max']:.2f})",
+             f"{ms['median']:.1f} ({ms['min']:.1f}..{ms['max']:.1f})"]
+    if training:
+        cells += [f"{record['peak_memory_mib']:.0f}", f"{record['flops_per_step']:.3g}",
+                  f"{record['achieved_tflops']:.3g} / {record['mfu']:.1%}",
+                  f"{record['loss']:.4f}", f"{record['trainable_parameters']:,}",
+                  f"{record['mask_rois_per_image']:.1f}"]
+    else:
+        cells.append(f"{record['detections_per_image']:.1f}")
+    return cells
+
+
+def format_report(report: dict) -> str:
+    """The report as the text the command prints."""
+    env, setup, peak = report["environment"], report["setup"], report["peak"]
+    lines = [
+        f"maskrcnn benchmark: config {setup['config']} on {env['device']} (torch {env['torch']}, "
+        f"torchvision {env['torchvision']})",
+        f"batch: {setup['images_per_step']} synthetic images at {setup['canvas'][0]}x"
+        f"{setup['canvas'][1]}, {setup['instances_per_image']:.1f} instances per image "
+        f"({setup['gt_slots']} slots), precision {setup['precision']}; {setup['warmup']} "
+        f"warm-up then {setup['steps']} timed steps per measurement",
+        f"MFU: FLOPs as run (torch.utils.flop_counter: convolutions and matrix products, "
+        f"padded slots included) against {peak['tflops']:.4g} TFLOP/s ({peak['source']})",
+        f"peak memory: {report['memory_kind']}",
+    ]
+    sides = [s for s in ("ours", "torchvision") if s in report["train"]]
+    for section, title, rows in (
+            ("train", "training step (forward, losses, backward, SGD step)",
+             ["images/s median (min..max)", "step ms median (min..max)", "peak memory MiB",
+              "FLOPs per step (counted)", "achieved TFLOP/s / MFU", "loss at the last step",
+              "trainable parameters", "mask-head RoIs per image"]),
+            ("inference", "inference (eval, no grad, masks pasted at full size)",
+             ["images/s median (min..max)", "step ms median (min..max)",
+              "detections per image"])):
+        columns = [_side(report[section][s], section == "train") for s in sides]
+        lines += ["", title, f"  {'':<40}" + "".join(f"{s:>30}" for s in sides)]
+        for i, row in enumerate(rows):
+            lines.append(f"  {row:<40}" + "".join(f"{c[i]:>30}" for c in columns))
+        if "ratio" in report[section]:
+            lines.append(f"  ours / torchvision images/s: {report[section]['ratio']:.2f}x")
+        if section == "train":
+            lines += [f"  warning: {side}'s loss is not finite: its steps ran on NaN or inf"
+                      for side in sides if not math.isfinite(report["train"][side]["loss"])]
+        if section == "inference" and len(columns) == 2 and (
+                report[section]["torchvision"]["detections_per_image"]
+                < report[section]["ours"]["detections_per_image"]):
+            lines.append("  (torchvision kept fewer detections than ours computes, so it ran "
+                         "less of its mask head and pasting: not like for like)")
+    if "unmatched_settings" in report:
+        lines += ["", "settings that differ between the two sides:"]
+        lines += [f"  - {note}" for note in report["unmatched_settings"]]
+    if "breakdown" in report:
+        b = report["breakdown"]
+        lines += ["", f"where our training step's time goes ({b['time']} time, mean of "
+                      f"{b['steps']} profiled steps of {b['step_ms']:.1f} ms):",
+                  f"  {'stage':<46}{'ms':>10}{'%':>8}"]
+        for stage in b["stages"]:
+            name = ("    " + stage["name"]) if stage["part_of"] else stage["name"]
+            lines.append(f"  {name:<46}{stage['ms']:>10.2f}{stage['percent']:>8.1f}")
+    if "ops" in report:
+        lines += ["", "ops at training-step sizes (median ms; speed-up = torchvision / ours):",
+                  f"  {'op':<18}{'ours':>10}{'tv':>10}{'speed-up':>10}  case; check"]
+        for row in report["ops"]:
+            lines.append(f"  {row['op']:<18}{row['ours_ms']:>10.2f}{row['torchvision_ms']:>10.2f}"
+                         f"{row['speedup']:>9.2f}x  {row['case']}"
+                         + (f"; {row['check']}" if row["check"] else ""))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    device = _check_flags()
+    config = config_from_flags()
+    report = run_benchmark(config, device)
+    print(format_report(report), flush=True)
+    if FLAGS.json_out:
+        path = Path(FLAGS.json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report written to {path}")
+
+
+def run() -> None:
+    """Console-script entry point (`maskrcnn-benchmark`)."""
+    run_command(main)
+
+
+if __name__ == "__main__":
+    run()
