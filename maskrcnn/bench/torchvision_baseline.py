@@ -19,7 +19,11 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import (
+    FastRCNNConvFCHead,
+    FastRCNNPredictor,
+    TwoMLPHead,
+)
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
@@ -28,7 +32,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from maskrcnn.bench.step import bench_schedule
 from maskrcnn.config import Config, config_pb2
 from maskrcnn.config.config_pb2 import FP16
-from maskrcnn.engine.solver import build_lr_scheduler, build_optimizer
+from maskrcnn.engine.solver import apply_gradients, build_lr_scheduler, build_optimizer
 from maskrcnn.engine.trainer import autocast_dtype
 from maskrcnn.model.backbone import GN_GROUPS
 from maskrcnn.model.roi_heads import MAX_NMS_CANDIDATES
@@ -82,7 +86,12 @@ def build_torchvision_model(config: Config) -> TorchvisionMaskRCNN:
         rpn_batch_size_per_image=rpn.batch_size_per_image,
         rpn_positive_fraction=rpn.positive_fraction,
         box_roi_pool=MultiScaleRoIAlign(POOLED, roi.pooler_resolution, sampling_ratio=2),
-        box_head=TwoMLPHead(c * roi.pooler_resolution**2, roi.box_head_dim),
+        # With box_head_convs, torchvision's conv+fc head: the same 3x3 convs + ReLU, then
+        # the same two fc layers.
+        box_head=(FastRCNNConvFCHead((c, roi.pooler_resolution, roi.pooler_resolution),
+                                     [c] * roi.box_head_convs, [roi.box_head_dim] * 2)
+                  if roi.box_head_convs else
+                  TwoMLPHead(c * roi.pooler_resolution**2, roi.box_head_dim)),
         box_predictor=FastRCNNPredictor(roi.box_head_dim, k + 1),
         box_score_thresh=roi.test_score_threshold, box_nms_thresh=roi.test_nms_threshold,
         box_detections_per_img=roi.detections_per_image,
@@ -185,14 +194,8 @@ class TorchvisionBaseline:
             losses = self.model(self.images, self.targets)
         total = torch.stack([loss.float() for loss in losses.values()]).sum()
         self.scaler.scale(total).backward()
-        if self.config.solver.grad_clip_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                           self.config.solver.grad_clip_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_scheduler.step()
+        apply_gradients(self.model.parameters(), self.optimizer, self.scaler, self.lr_scheduler,
+                        self.config.solver.grad_clip_norm)
         return total.detach()
 
     def inference_step(self) -> list[dict[str, torch.Tensor]]:

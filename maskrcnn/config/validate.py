@@ -100,6 +100,8 @@ def _model_problems(model: config_pb2.ModelConfig) -> Iterator[Problem]:
     weights = list(roi.bbox_reg_weights)
     yield from _check("model.roi_heads.bbox_reg_weights", weights,
                       len(weights) == 4 and min(weights) > 0, "must be 4 values > 0")
+    yield from _check("model.roi_heads.box_head_convs", roi.box_head_convs,
+                      roi.box_head_convs >= 0, "must be >= 0")
     yield from _check("model.roi_heads.max_fg_masks_per_image", roi.max_fg_masks_per_image,
                       1 <= roi.max_fg_masks_per_image <= roi.batch_size_per_image,
                       "must be in 1..model.roi_heads.batch_size_per_image",

@@ -87,3 +87,21 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule,
     for group in optimizer.param_groups:
         group["initial_lr"] = schedule.base_lr
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_factor, last_epoch=step - 1)
+
+
+def apply_gradients(parameters, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    grad_clip_norm: float) -> None:
+    """The end of a training step, after backward: optional clipping of the (unscaled)
+    gradients to a global L2 norm, the SGD step through the loss scaler, the LR step.
+
+    With fp16, GradScaler.step reads whether gradients overflowed (one host sync per step,
+    inherent to dynamic loss scaling); fp32 and bf16 never synchronise here.
+    """
+    if grad_clip_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    lr_scheduler.step()

@@ -40,7 +40,12 @@ from maskrcnn.engine import checkpoint as ckpt
 from maskrcnn.engine import distributed
 from maskrcnn.engine.evaluate import evaluate
 from maskrcnn.engine.events import EventWriter
-from maskrcnn.engine.solver import build_lr_scheduler, build_optimizer, make_schedule
+from maskrcnn.engine.solver import (
+    apply_gradients,
+    build_lr_scheduler,
+    build_optimizer,
+    make_schedule,
+)
 from maskrcnn.model.maskrcnn import MaskRCNN, build_model
 from maskrcnn.model.sampling import global_batch_keys
 
@@ -272,16 +277,8 @@ class Trainer:
         stacked = torch.stack([losses[k].float() for k in LOSS_KEYS])
         with distributed.collective("backward (DDP's all_reduce of the gradients)"):
             self.scaler.scale(stacked.sum()).backward()
-        if self.config.solver.grad_clip_norm > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                           self.config.solver.grad_clip_norm)
-        # With fp16, GradScaler.step reads whether gradients overflowed (one host sync per
-        # step, inherent to dynamic loss scaling); fp32 and bf16 never synchronise here.
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_scheduler.step()
+        apply_gradients(self.model.parameters(), self.optimizer, self.scaler, self.lr_scheduler,
+                        self.config.solver.grad_clip_norm)
         return stacked.detach()
 
     def evaluate(self) -> dict[str, float]:

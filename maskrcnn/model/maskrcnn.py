@@ -98,7 +98,8 @@ def build_model(config: Config) -> MaskRCNN:
             roi.batch_size_per_image, roi.positive_fraction, roi.fg_iou_threshold,
             tuple(roi.bbox_reg_weights), roi.pooler_resolution, roi.mask_pooler_resolution,
             roi.mask_head_channels, roi.max_fg_masks_per_image, roi.test_score_threshold,
-            roi.test_nms_threshold, roi.detections_per_image, roi.roi_align_aligned),
+            roi.test_nms_threshold, roi.detections_per_image, roi.roi_align_aligned,
+            roi.box_head_convs),
         pixel_mean=list(m.pixel_mean),
         pixel_std=list(m.pixel_std),
     )

@@ -33,11 +33,20 @@ def _flat_rois(boxes: torch.Tensor) -> torch.Tensor:
 
 
 class BoxHead(nn.Module):
-    """Two fully connected layers on pooled RoI features, then class scores and
-    class-specific box deltas (the background class included, as torchvision)."""
+    """Optional 3x3 convs, then two fully connected layers on pooled RoI features, then class
+    scores and class-specific box deltas (the background class included, as torchvision)."""
 
-    def __init__(self, channels: int, resolution: int, hidden: int, num_classes: int):
+    def __init__(self, channels: int, resolution: int, hidden: int, num_classes: int,
+                 convs: int = 0):
         super().__init__()
+        layers = []
+        for _ in range(convs):
+            layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*layers)
+        for module in self.convs.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.constant_(module.bias, 0.0)
         self.fc6 = nn.Linear(channels * resolution * resolution, hidden)
         self.fc7 = nn.Linear(hidden, hidden)
         self.cls_score = nn.Linear(hidden, num_classes + 1)
@@ -45,7 +54,7 @@ class BoxHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pooled float[X, C, S, S] -> class logits float[X, K+1], deltas float[X, K+1, 4]."""
-        x = F.relu(self.fc7(F.relu(self.fc6(pooled.flatten(1)))))
+        x = F.relu(self.fc7(F.relu(self.fc6(self.convs(pooled).flatten(1)))))
         return self.cls_score(x), self.bbox_pred(x).reshape(x.shape[0], -1, 4)
 
 
@@ -83,6 +92,7 @@ class RoIHeads(nn.Module):
         mask_head_channels: hidden channels of the mask head; max_fg_masks: F.
         score_threshold, nms_threshold, detections_per_image: inference.
         aligned: ROIAlign half-pixel alignment (torchvision's Mask R-CNN uses False).
+        box_head_convs: 3x3 convs of the box head before its fc layers.
     """
 
     def __init__(self, channels: int, strides: list[int], num_classes: int, box_head_dim: int,
@@ -90,11 +100,12 @@ class RoIHeads(nn.Module):
                  bbox_reg_weights: tuple[float, float, float, float], pooler_resolution: int,
                  mask_pooler_resolution: int, mask_head_channels: int, max_fg_masks: int,
                  score_threshold: float, nms_threshold: float, detections_per_image: int,
-                 aligned: bool = True):
+                 aligned: bool = True, box_head_convs: int = 0):
         super().__init__()
         self.strides = list(strides)
         self.num_classes = num_classes
-        self.box_head = BoxHead(channels, pooler_resolution, box_head_dim, num_classes)
+        self.box_head = BoxHead(channels, pooler_resolution, box_head_dim, num_classes,
+                                box_head_convs)
         self.mask_head = MaskHead(channels, mask_head_channels, num_classes)
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction

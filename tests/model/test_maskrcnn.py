@@ -138,3 +138,18 @@ def test_traces_without_graph_breaks(training):
     inputs = batch if training else batch[:2]
     explanation = torch._dynamo.explain(model)(*inputs)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_box_head_convs_process_the_pooled_features():
+    """If this fails, model.roi_heads.box_head_convs does not build its convs, or the box head
+    does not pass the pooled features through them (the option would change nothing)."""
+    config = _config()
+    config.model.roi_heads.box_head_convs = 2
+    model = build_model(config)
+    convs = [m for m in model.roi_heads.box_head.convs if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 2 and all(c.in_channels == c.out_channels == 32 for c in convs)
+    pooled = torch.randn(3, 32, 7, 7)
+    before = model.roi_heads.box_head(pooled)[0]
+    with torch.no_grad():
+        convs[0].weight.mul_(2)
+    assert not torch.allclose(model.roi_heads.box_head(pooled)[0], before)
