@@ -39,7 +39,12 @@ from tests.tiny import REPO, TINY, tiny_flags
 M = 2  # images per process
 STEPS = 3
 # 16 images an epoch: 4 global batches of 2 x M, so the STEPS (and one more) stay in epoch 0.
-EQUIVALENCE = "solver { epochs: 1 images_per_epoch: 16 warmup_steps: 2 lr_decay_epochs: [1] }"
+# The recipe's two-fc box head: with the conv box head of `shapes`, fp32 rounding that differs
+# between batch sizes (oneDNN's convolution summation order over 2 x 64 vs 4 x 64 RoIs) grows to
+# 1.8e-5 relative in conv1.weight after 3 steps at LR 0.03, just above the 1e-5 this test
+# demands; the test is about the maths (keys, normalisers, gradient averaging), not rounding.
+EQUIVALENCE = ("solver { epochs: 1 images_per_epoch: 16 warmup_steps: 2 lr_decay_epochs: [1] } "
+               "model { roi_heads { box_head_convs: 0 } }")
 # The command-line runs: 2 epochs of 8 images; with 2 processes of 2 images, 2 steps an epoch,
 # a checkpoint every 3 steps (mid-epoch 1) and at the end (step 4), evaluation at the end.
 CLI_RUN = ["run { checkpoint_period_steps: 3 }"]
