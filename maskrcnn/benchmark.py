@@ -97,6 +97,12 @@ def _trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def _progress(side: str, section: str, record: dict) -> None:
+    """One line to stderr as each measurement ends (a run cut short still shows what it got)."""
+    print(f"  {side} {section}: {record['images_per_s']['median']:.2f} images/s, step "
+          f"{record['step_ms']['median']:.1f} ms (median)", file=sys.stderr, flush=True)
+
+
 def measure_ours(config: Config, batch: Batch, device: torch.device, peak: float) -> dict:
     """Our training and inference records, and the breakdown (if asked for)."""
     last = {}
@@ -114,6 +120,7 @@ def measure_ours(config: Config, batch: Batch, device: torch.device, peak: float
     out = {"train": _training_record(seconds, len(batch), flops, memory, peak, last["loss"],
                                      _trainable(trainer.model), mask_rois),
            "memory_kind": memory.kind}
+    _progress("ours", "training", out["train"])
     if FLAGS.breakdown:
         with trainer.eager():
             out["breakdown"] = breakdown(train, trainer.model, device,
@@ -123,6 +130,7 @@ def measure_ours(config: Config, batch: Batch, device: torch.device, peak: float
     seconds = time_steps(infer, device, FLAGS.steps, FLAGS.warmup)
     out["inference"] = throughput(seconds, len(batch))
     out["inference"]["detections_per_image"] = infer()["valid"].sum().item() / len(batch)
+    _progress("ours", "inference", out["inference"])
     return out
 
 
@@ -141,11 +149,13 @@ def measure_torchvision(config: Config, batch: Batch, device: torch.device,
         seconds = time_steps(train, device, FLAGS.steps, FLAGS.warmup)
     out = {"train": _training_record(seconds, len(batch), flops, memory, peak, last["loss"],
                                      _trainable(baseline.model), baseline.mask_rois)}
+    _progress("torchvision", "training", out["train"])
     baseline.model.eval()
     seconds = time_steps(baseline.inference_step, device, FLAGS.steps, FLAGS.warmup)
     out["inference"] = throughput(seconds, len(batch))
     out["inference"]["detections_per_image"] = sum(
         len(d["boxes"]) for d in baseline.inference_step()) / len(batch)
+    _progress("torchvision", "inference", out["inference"])
     return out
 
 
@@ -160,7 +170,8 @@ def run_benchmark(config: Config, device: torch.device) -> dict:
         "environment": {
             "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                        else f"cpu, torch threads: {torch.get_num_threads()}"),
-            "torch": torch.__version__, "torchvision": torchvision.__version__},
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark},
         "setup": {
             "config": FLAGS.config, "canvas": [canvas.height, canvas.width],
             "images_per_step": n, "gt_slots": config.data.max_instances,
@@ -217,6 +228,8 @@ def format_report(report: dict) -> str:
         f"MFU: FLOPs as run (torch.utils.flop_counter: convolutions and matrix products, "
         f"padded slots included) against {peak['tflops']:.4g} TFLOP/s ({peak['source']})",
         f"peak memory: {report['memory_kind']}",
+        f"cuDNN autotuning (torch.backends.cudnn.benchmark, both sides): "
+        f"{env['cudnn_benchmark']}",
     ]
     sides = [s for s in ("ours", "torchvision") if s in report["train"]]
     for section, title, rows in (

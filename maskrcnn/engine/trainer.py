@@ -57,10 +57,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' is the GPU when there is one, else the CPU."""
+    """'auto' is the GPU when there is one, else the CPU.
+
+    On a GPU this also turns on cuDNN's autotuning (torch.backends.cudnn.benchmark): every
+    batch has one of the config's few canvas shapes, so each convolution's tuned algorithm is
+    chosen once and reused.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
 
 
 def autocast_dtype(config: Config) -> torch.dtype | None:

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU section of BENCHMARKS.md as one script for a lent GPU machine (no network there):
+#   1. installs the carried wheels (.whl/: pycocotools, and protobuf if the image's is too old);
+#   2. tools/gpu_check.py: our ops and model on the GPU against the CPU;
+#   3. maskrcnn-benchmark of the COCO recipe (config 8x4: R50-FPN, 800x1344 canvas, BF16) at
+#      M = 8, 4, 2 images, against torchvision in the same process (M = 8 with the per-stage
+#      breakdown and the op micro-benchmarks);
+#   4. the same at M = 8 with run.compile (ours only), if time is left;
+#   5. the CPU test suite under the machine's Python and torch, if time is left.
+# Logs and JSON reports go to $OUT (default runs/gpu). Every stage has its own time limit, so
+# that one hang cannot eat the lease. A CPU dry run: DEVICE=cpu BENCH_SET='...' STEPS=1.
+set -u
+OUT=${OUT:-runs/gpu}
+DEVICE=${DEVICE:-cuda}
+STEPS=${STEPS:-10}
+WARMUP=${WARMUP:-3}
+BENCH_SET=${BENCH_SET:-}
+BUDGET_S=${BUDGET_S:-470}  # the whole script; later stages only start when time is left
+mkdir -p "$OUT"
+start=$SECONDS
+log() { echo "[$((SECONDS - start)) s] $*"; }
+left() { echo $((BUDGET_S - (SECONDS - start))); }
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+if [ -d .whl ]; then
+  wheels=(.whl/pycocotools-*.whl)
+  python3 -c "import google.protobuf as p, sys; sys.exit(tuple(map(int, p.__version__.split('.')[:2])) < (5, 26))" \
+    || wheels+=(.whl/protobuf-*.whl)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "${wheels[@]}" && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+log "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1
+python3 -c "import sys, torch, torchvision, google.protobuf as p; print('python', sys.version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'protobuf', p.__version__)"
+git log -1 --format='commit %H' 2>/dev/null
+
+if [ "${CHECK:-1}" = 1 ]; then
+  log "gpu_check"
+  timeout 150 python3 tools/gpu_check.py --device="$DEVICE" 2>&1 | tee "$OUT/gpu_check.log"
+fi
+
+bench() {  # bench NAME LIMIT_S SET [FLAGS...]
+  local name=$1 limit=$2 set=$3
+  shift 3
+  if [ "$(left)" -lt 40 ]; then log "skipped $name: no time left"; return; fi
+  [ "$limit" -gt "$(left)" ] && limit=$(left)
+  log "benchmark $name (limit ${limit} s)"
+  timeout "$limit" python3 -m maskrcnn.benchmark --config=8x4 --set="$set" \
+    ${BENCH_SET:+--set="$BENCH_SET"} --device="$DEVICE" --steps="$STEPS" --warmup="$WARMUP" --json_out="$OUT/$name.json" "$@" \
+    2>&1 | grep -v Warning | tee "$OUT/$name.log"
+}
+bench m8 170 "run { images_per_gpu: 8 }" --baseline=torchvision
+bench m4 90 "run { images_per_gpu: 4 }" --baseline=torchvision --nobreakdown --noops
+bench m2 80 "run { images_per_gpu: 2 }" --baseline=torchvision --nobreakdown --noops
+bench m8_compile 150 "run { images_per_gpu: 8 compile: true }" --noops
+
+if [ "$(left)" -gt 40 ]; then
+  log "test suite (limit $(left) s)"
+  timeout "$(left)" python3 -m pytest -q -p no:cacheprovider -n 12 tests \
+    --ignore=tests/test_main_job.py 2>&1 | tail -40 | tee "$OUT/pytest.log"
+fi
+log "done"

@@ -1,0 +1,197 @@
+"""Checks that our ops and model compute on a GPU what they compute on the CPU.
+
+`python tools/gpu_check.py [--device=cuda]`: the CPU test suite checks every op against a simple
+reference; this script checks that the CUDA runs of the same code agree with the CPU runs, on
+fresh random inputs: ROIAlign forward and backward, proposal generation (NMS included), fixed-size
+NMS, mask pasting, the whole model's five training losses and gradients (deterministic sampling
+keys, FP32 with TF32 off) and its detections in eval mode; then a few training steps of the
+trainer's own train_step in BF16 and FP16 (losses must be finite). Prints one line per check and
+exits 1 if any fails. CI never has a GPU: with --device=cpu it compares the CPU with itself,
+which exercises the script only.
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+
+from maskrcnn.bench.step import BenchTrainer
+from maskrcnn.bench.synthetic import synthetic_batch
+from maskrcnn.config import load_config
+from maskrcnn.model.anchors import AnchorCache
+from maskrcnn.model.maskrcnn import build_model
+from maskrcnn.ops.nms import batched_nms_fixed
+from maskrcnn.ops.paste_masks import paste_masks
+from maskrcnn.ops.proposals import generate_proposals
+from maskrcnn.ops.roi_align import multilevel_roi_align
+
+# Relative error bound (||gpu - cpu|| / ||cpu||) of float32 results computed in different orders.
+FP32_RTOL = 1e-4
+STRIDES = [4, 8, 16, 32]
+
+failures: list[str] = []
+
+
+def _report(name: str, ok: bool, detail: str) -> None:
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    if not ok:
+        failures.append(name)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def _close(name: str, gpu: torch.Tensor, cpu: torch.Tensor, rtol: float = FP32_RTOL) -> None:
+    error = _relative(gpu, cpu)
+    _report(name, error <= rtol, f"relative error {error:.2e} (bound {rtol:g})")
+
+
+def _fixed_keys(labels: torch.Tensor) -> torch.Tensor:
+    """Sampling keys that depend on the candidate index only: the same on every device."""
+    index = torch.arange(labels.shape[1], dtype=torch.float64, device=labels.device)
+    return torch.remainder(torch.sin(index * 12.9898) * 43758.5453, 1.0).float().expand(
+        labels.shape)
+
+
+def check_roi_align(device: torch.device, g: torch.Generator) -> None:
+    n, c, h, w = 2, 16, 128, 160
+    features = [torch.randn(n, c, h // s, w // s, generator=g) for s in STRIDES]
+    side = 8 + torch.rand(300, 2, generator=g) * 100
+    corner = torch.rand(300, 2, generator=g) * (torch.tensor([w, h]) - side)
+    rois = torch.cat([torch.randint(0, n, (300, 1), generator=g).float(), corner,
+                      corner + side], 1)
+    grad = torch.randn(300, c, 7, 7, generator=g)
+    for aligned in (True, False):
+        outs = {}
+        for where in (torch.device("cpu"), device):
+            leaves = [f.to(where).requires_grad_() for f in features]
+            pooled = multilevel_roi_align(leaves, rois.to(where), 7, STRIDES, 2, aligned)
+            pooled.backward(grad.to(where))
+            outs[where.type] = (pooled, [f.grad for f in leaves])
+        (gpu, gpu_grads), (cpu, cpu_grads) = outs[device.type], outs["cpu"]
+        _close(f"ROIAlign forward (aligned={aligned})", gpu, cpu)
+        _close(f"ROIAlign backward (aligned={aligned})", torch.cat(
+            [x.flatten() for x in gpu_grads]), torch.cat([x.flatten() for x in cpu_grads]))
+
+
+def check_proposals(device: torch.device, g: torch.Generator) -> None:
+    n, h, w = 2, 128, 160
+    anchors = AnchorCache([(h, w)], [16, 32, 64, 128, 256], [0.5, 1.0, 2.0],
+                          [4, 8, 16, 32, 64])((h, w))
+    logits = [torch.randn(n, a.shape[0], generator=g) for a in anchors]
+    deltas = [torch.randn(n, a.shape[0], 4, generator=g) * 0.1 for a in anchors]
+    sizes = torch.tensor([[h, w], [100, 150]])
+    outs = {}
+    for where in (torch.device("cpu"), device):
+        outs[where.type] = generate_proposals(
+            [x.to(where) for x in logits], [x.to(where) for x in deltas],
+            [x.to(where) for x in anchors], sizes.to(where), 300, 200, 0.7, 0.0)
+    (gb, gs, gv), (cb, cs, cv) = outs[device.type], outs["cpu"]
+    same_valid = torch.equal(gv.cpu(), cv)
+    _report("proposals: same valid slots", same_valid,
+            f"{int(gv.sum())} / {int(cv.sum())} valid")
+    if same_valid:
+        _close("proposals: boxes", gb[gv], cb[cv])
+        _close("proposals: scores", gs[gv], cs[cv])
+
+
+def check_nms(device: torch.device, g: torch.Generator) -> None:
+    b, k = 3, 400
+    xy = torch.rand(b, k, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 10 + torch.rand(b, k, 2, generator=g) * 60], -1)
+    scores = torch.rand(b, k, generator=g)
+    valid = torch.rand(b, k, generator=g) > 0.2
+    groups = torch.randint(0, 4, (b, k), generator=g)
+    gi, gk = batched_nms_fixed(boxes.to(device), scores.to(device), valid.to(device),
+                               groups.to(device), 0.5, 100)
+    ci, ck = batched_nms_fixed(boxes, scores, valid, groups, 0.5, 100)
+    same = torch.equal(gk.cpu(), ck) and torch.equal(gi.cpu()[ck], ci[ck])
+    _report("fixed-size NMS: same kept boxes", same, f"{int(ck.sum())} kept of {b * k}")
+
+
+def check_paste_masks(device: torch.device, g: torch.Generator) -> None:
+    masks = torch.rand(2, 10, 28, 28, generator=g)
+    xy = torch.rand(2, 10, 2, generator=g) * 120
+    boxes = torch.cat([xy, xy + 4 + torch.rand(2, 10, 2, generator=g) * 80], -1)
+    _close("paste_masks", paste_masks(masks.to(device), boxes.to(device), 160, 192),
+           paste_masks(masks, boxes, 160, 192))
+
+
+def _model_config():
+    return load_config("shapes", ["run { images_per_gpu: 2 precision: FP32 }"])
+
+
+def check_model(device: torch.device) -> None:
+    """The whole model on the same batch and weights: training losses, gradients, detections."""
+    config = _model_config()
+    batch = synthetic_batch(config, seed=1)
+    torch.manual_seed(0)
+    cpu_model = build_model(config)
+    gpu_model = build_model(config)
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    gpu_model.to(device)
+    results = {}
+    for where, model in (("cpu", cpu_model), (device.type, gpu_model)):
+        model.rpn.keys = model.roi_heads.keys = _fixed_keys
+        on = batch.to(torch.device(where) if where == "cpu" else device)
+        inputs = (on.images, on.image_sizes, on.gt_boxes, on.gt_classes, on.gt_valid,
+                  on.gt_masks)
+        losses = model(*inputs)
+        total = torch.stack(list(losses.values())).sum()
+        total.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        model.eval()
+        with torch.no_grad():
+            detections = model(*inputs[:2])
+        results[where] = (torch.stack(list(losses.values())), grads, detections)
+    (gl, gg, gd), (cl, cg, cd) = results[device.type], results["cpu"]
+    _close("model: five training losses", gl, cl)
+    _close("model: gradients", gg, cg, rtol=1e-3)
+    _close("model: detection scores", gd["scores"], cd["scores"], rtol=1e-3)
+    valid = gd["valid"].cpu() & cd["valid"]
+    _close("model: detection boxes (slots valid on both)", gd["boxes"].cpu()[valid],
+           cd["boxes"][valid], rtol=1e-3)
+
+
+def check_training(device: torch.device) -> None:
+    """A few steps of the trainer's own train_step in each autocast precision."""
+    for precision in ("BF16", "FP16"):
+        config = load_config("shapes", [f"run {{ images_per_gpu: 4 precision: {precision} }}"])
+        trainer = BenchTrainer(config, device)
+        batch = synthetic_batch(config).to(device)
+        losses = torch.stack([trainer.train_step(batch) for _ in range(3)])
+        _report(f"train_step in {precision}: finite losses", bool(torch.isfinite(losses).all()),
+                "losses of step 3: " + " ".join(f"{x:.4f}" for x in losses[-1].tolist()))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    device = torch.device(parser.parse_args().device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print(f"--device={device}: no CUDA device is available")
+            return 2
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        print(f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}")
+    start = time.perf_counter()
+    g = torch.Generator().manual_seed(int(time.time()))  # fresh inputs every run
+    check_roi_align(device, g)
+    check_proposals(device, g)
+    check_nms(device, g)
+    check_paste_masks(device, g)
+    check_model(device)
+    check_training(device)
+    print(f"{len(failures)} failed ({time.perf_counter() - start:.1f} s)"
+          + (": " + ", ".join(failures) if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
