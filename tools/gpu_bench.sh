@@ -8,7 +8,8 @@
 #   4. the same at M = 8 with run.compile (ours only), if time is left;
 #   5. the CPU test suite under the machine's Python and torch, if time is left.
 # Logs and JSON reports go to $OUT (default runs/gpu). Every stage has its own time limit, so
-# that one hang cannot eat the lease. A CPU dry run: DEVICE=cpu BENCH_SET='...' STEPS=1.
+# that one hang cannot eat the lease. A CPU dry run: DEVICE=cpu BENCH_SET='...' STEPS=1;
+# STAGES='m8 m4' runs those stages only.
 set -u
 OUT=${OUT:-runs/gpu}
 DEVICE=${DEVICE:-cuda}
@@ -34,7 +35,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import sys, torch, torchvision, google.protobuf as p; print('python', sys.version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'protobuf', p.__version__)"
 git log -1 --format='commit %H' 2>/dev/null
 
-if [ "${CHECK:-1}" = 1 ]; then
+STAGES=${STAGES:-check m8 m4 m2 m8_compile tests}  # a subset reruns some
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+if has check; then
   log "gpu_check"
   timeout 150 python3 tools/gpu_check.py --device="$DEVICE" 2>&1 | tee "$OUT/gpu_check.log"
 fi
@@ -42,6 +45,7 @@ fi
 bench() {  # bench NAME LIMIT_S SET [FLAGS...]
   local name=$1 limit=$2 set=$3
   shift 3
+  has "$name" || return 0
   if [ "$(left)" -lt 40 ]; then log "skipped $name: no time left"; return; fi
   [ "$limit" -gt "$(left)" ] && limit=$(left)
   log "benchmark $name (limit ${limit} s)"
@@ -54,7 +58,7 @@ bench m4 90 "run { images_per_gpu: 4 }" --baseline=torchvision --nobreakdown --n
 bench m2 80 "run { images_per_gpu: 2 }" --baseline=torchvision --nobreakdown --noops
 bench m8_compile 150 "run { images_per_gpu: 8 compile: true }" --noops
 
-if [ "$(left)" -gt 40 ]; then
+if has tests && [ "$(left)" -gt 40 ]; then
   log "test suite (limit $(left) s)"
   timeout "$(left)" python3 -m pytest -q -p no:cacheprovider -n 12 tests \
     --ignore=tests/test_main_job.py 2>&1 | tail -40 | tee "$OUT/pytest.log"

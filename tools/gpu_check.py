@@ -69,7 +69,7 @@ def check_roi_align(device: torch.device, g: torch.Generator) -> None:
     for aligned in (True, False):
         outs = {}
         for where in (torch.device("cpu"), device):
-            leaves = [f.to(where).requires_grad_() for f in features]
+            leaves = [f.to(where, copy=True).requires_grad_() for f in features]
             pooled = multilevel_roi_align(leaves, rois.to(where), 7, STRIDES, 2, aligned)
             pooled.backward(grad.to(where))
             outs[where.type] = (pooled, [f.grad for f in leaves])

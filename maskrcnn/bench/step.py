@@ -13,7 +13,7 @@ from maskrcnn.config import Config
 from maskrcnn.config.config_pb2 import FP16
 from maskrcnn.data.batch import Batch
 from maskrcnn.engine.solver import Schedule, build_lr_scheduler, build_optimizer, make_schedule
-from maskrcnn.engine.trainer import Trainer, autocast_dtype, model_inputs
+from maskrcnn.engine.trainer import Trainer, autocast_dtype, compile_step, model_inputs
 from maskrcnn.model.maskrcnn import build_model
 from maskrcnn.ops.paste_masks import paste_masks
 
@@ -42,7 +42,7 @@ class BenchTrainer(Trainer):
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.schedule)
         self.autocast_dtype = autocast_dtype(config)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.run.precision == FP16)
-        self.forward = torch.compile(self.model) if config.run.compile else self.model
+        self.forward = compile_step(self.model) if config.run.compile else self.model
         self.step = 0
 
     @contextmanager

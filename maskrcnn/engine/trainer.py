@@ -71,6 +71,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def compile_step(forward: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile of the model's forward (losses included; AOTAutograd compiles the
+    backward). Random ops (the sampling keys) run as eager ATen ops rather than inside
+    generated kernels (inductor's fallback_random): the compiled step then draws the same keys
+    as the eager one, and Triton 3.6 on an H200 failed to compile the fused kernel that
+    generated the keys inside a reduction (PassManager::run failed, torch 2.11, 2026-11-26)."""
+    import torch._inductor.config  # noqa: PLC0415 (loaded with the compiler, only when used)
+
+    torch._inductor.config.fallback_random = True
+    return torch.compile(forward)
+
+
 def autocast_dtype(config: Config) -> torch.dtype | None:
     return {BF16: torch.bfloat16, FP16: torch.float16}.get(config.run.precision)
 
@@ -193,7 +205,7 @@ class Trainer:
                     self.model, device_ids=[device.index] if device.type == "cuda" else None,
                     broadcast_buffers=False, gradient_as_bucket_view=True)
         if config.run.compile:  # after DDP, so that DDPOptimizer splits at its buckets
-            self.forward = torch.compile(self.forward)
+            self.forward = compile_step(self.forward)
         self.step = 0
 
     def log(self, text: str) -> None:
