@@ -69,6 +69,7 @@ def build_torchvision_model(config: Config) -> TorchvisionMaskRCNN:
     rpn, roi = m.rpn, m.roi_heads
     c, k = m.fpn_channels, m.num_classes
     canvas = config.data.canvas[0]
+    head_norm = partial(nn.GroupNorm, GN_GROUPS) if roi.head_group_norm else None
     anchors = AnchorGenerator(tuple((float(s),) for s in m.anchors.sizes),
                               (tuple(m.anchors.aspect_ratios),) * len(m.anchors.sizes))
     return TorchvisionMaskRCNN(
@@ -89,7 +90,8 @@ def build_torchvision_model(config: Config) -> TorchvisionMaskRCNN:
         # With box_head_convs, torchvision's conv+fc head: the same 3x3 convs + ReLU, then
         # the same two fc layers.
         box_head=(FastRCNNConvFCHead((c, roi.pooler_resolution, roi.pooler_resolution),
-                                     [c] * roi.box_head_convs, [roi.box_head_dim] * 2)
+                                     [c] * roi.box_head_convs, [roi.box_head_dim] * 2,
+                                     norm_layer=head_norm)
                   if roi.box_head_convs else
                   TwoMLPHead(c * roi.pooler_resolution**2, roi.box_head_dim)),
         box_predictor=FastRCNNPredictor(roi.box_head_dim, k + 1),
@@ -101,7 +103,7 @@ def build_torchvision_model(config: Config) -> TorchvisionMaskRCNN:
         box_positive_fraction=roi.positive_fraction,
         bbox_reg_weights=tuple(roi.bbox_reg_weights),
         mask_roi_pool=MultiScaleRoIAlign(POOLED, roi.mask_pooler_resolution, sampling_ratio=2),
-        mask_head=MaskRCNNHeads(c, [roi.mask_head_channels] * 4, 1),
+        mask_head=MaskRCNNHeads(c, [roi.mask_head_channels] * 4, 1, norm_layer=head_norm),
         mask_predictor=MaskRCNNPredictor(roi.mask_head_channels, roi.mask_head_channels, k + 1),
     )
 
@@ -117,6 +119,10 @@ def unmatched_settings(config: Config) -> list[str]:
     if m.rpn.min_box_size != 1e-3:
         notes.append(f"RPN minimum proposal side: torchvision's is fixed at 1e-3 px, ours "
                      f"{m.rpn.min_box_size:g} px (model.rpn.min_box_size).")
+    if roi.class_agnostic_boxes or roi.class_agnostic_masks:
+        notes.append("Class-agnostic box regression or masks (model.roi_heads.class_agnostic_"
+                     "boxes / _masks): torchvision's predictors are per class (a few more "
+                     "outputs in the last layers; same cost otherwise).")
     most_fg = int(roi.batch_size_per_image * roi.positive_fraction)
     notes.append(f"Mask head in training: torchvision's runs on the foreground RoIs only "
                  f"(data-dependent, at most {most_fg} per image; with random weights few "

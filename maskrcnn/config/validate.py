@@ -7,6 +7,7 @@ value is unusable. `validate` returns the first problem, so the user fixes one t
 from collections.abc import Iterator
 
 from maskrcnn.config import config_pb2
+from maskrcnn.model.backbone import GN_GROUPS
 
 # (dotted field path, "= value: reason", other fields the rule involves). The error message
 # blames whichever layer set one of these fields last.
@@ -102,6 +103,12 @@ def _model_problems(model: config_pb2.ModelConfig) -> Iterator[Problem]:
                       len(weights) == 4 and min(weights) > 0, "must be 4 values > 0")
     yield from _check("model.roi_heads.box_head_convs", roi.box_head_convs,
                       roi.box_head_convs >= 0, "must be >= 0")
+    if roi.head_group_norm:
+        for name, channels in (("model.fpn_channels", model.fpn_channels),
+                               ("model.roi_heads.mask_head_channels", roi.mask_head_channels)):
+            yield from _check(name, channels, channels % GN_GROUPS == 0,
+                              f"must be divisible by {GN_GROUPS} with head_group_norm",
+                              also=("model.roi_heads.head_group_norm",))
     yield from _check("model.roi_heads.max_fg_masks_per_image", roi.max_fg_masks_per_image,
                       1 <= roi.max_fg_masks_per_image <= roi.batch_size_per_image,
                       "must be in 1..model.roi_heads.batch_size_per_image",

@@ -99,7 +99,8 @@ def build_model(config: Config) -> MaskRCNN:
             tuple(roi.bbox_reg_weights), roi.pooler_resolution, roi.mask_pooler_resolution,
             roi.mask_head_channels, roi.max_fg_masks_per_image, roi.test_score_threshold,
             roi.test_nms_threshold, roi.detections_per_image, roi.roi_align_aligned,
-            roi.box_head_convs),
+            roi.box_head_convs, roi.head_group_norm, roi.class_agnostic_boxes,
+            roi.class_agnostic_masks),
         pixel_mean=list(m.pixel_mean),
         pixel_std=list(m.pixel_std),
     )

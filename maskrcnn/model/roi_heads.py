@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from maskrcnn.data.gt_masks import mask_targets
+from maskrcnn.model.backbone import GN_GROUPS
 from maskrcnn.model.sampling import local_counts, match, sample, uniform_keys
 from maskrcnn.ops.boxes import clip_boxes, decode_boxes, encode_boxes
 from maskrcnn.ops.nms import batched_nms_fixed
@@ -32,28 +33,44 @@ def _flat_rois(boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat([index[:, None], boxes.reshape(-1, 4)], dim=1)
 
 
+def _conv_block(in_channels: int, out_channels: int, group_norm: bool) -> list[nn.Module]:
+    """A head's 3x3 conv and ReLU, with GroupNorm between them (and no conv bias) if asked."""
+    if not group_norm:
+        return [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True)]
+    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.GroupNorm(GN_GROUPS, out_channels), nn.ReLU(inplace=True)]
+
+
+def _own_class(classes: torch.Tensor, outputs: int) -> torch.Tensor:
+    """Which of a head's per-class outputs belongs to each RoI: its class, or 0 when the head
+    has one class-agnostic output."""
+    return classes if outputs > 1 else torch.zeros_like(classes)
+
+
 class BoxHead(nn.Module):
     """Optional 3x3 convs, then two fully connected layers on pooled RoI features, then class
     scores and class-specific box deltas (the background class included, as torchvision)."""
 
     def __init__(self, channels: int, resolution: int, hidden: int, num_classes: int,
-                 convs: int = 0):
+                 convs: int = 0, group_norm: bool = False, class_agnostic: bool = False):
         super().__init__()
         layers = []
         for _ in range(convs):
-            layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
+            layers += _conv_block(channels, channels, group_norm)
         self.convs = nn.Sequential(*layers)
         for module in self.convs.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.constant_(module.bias, 0.0)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0.0)
         self.fc6 = nn.Linear(channels * resolution * resolution, hidden)
         self.fc7 = nn.Linear(hidden, hidden)
         self.cls_score = nn.Linear(hidden, num_classes + 1)
-        self.bbox_pred = nn.Linear(hidden, (num_classes + 1) * 4)
+        self.bbox_pred = nn.Linear(hidden, 4 if class_agnostic else (num_classes + 1) * 4)
 
     def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pooled float[X, C, S, S] -> class logits float[X, K+1], deltas float[X, K+1, 4]."""
+        """pooled float[X, C, S, S] -> class logits float[X, K+1], deltas float[X, K+1, 4]
+        (float[X, 1, 4] if class-agnostic)."""
         x = F.relu(self.fc7(F.relu(self.fc6(self.convs(pooled).flatten(1)))))
         return self.cls_score(x), self.bbox_pred(x).reshape(x.shape[0], -1, 4)
 
@@ -61,22 +78,29 @@ class BoxHead(nn.Module):
 class MaskHead(nn.Module):
     """Four 3x3 convs, a 2x transposed conv and a 1x1 conv to per-class mask logits."""
 
-    def __init__(self, channels: int, hidden: int, num_classes: int):
+    def __init__(self, channels: int, hidden: int, num_classes: int, group_norm: bool = False,
+                 class_agnostic: bool = False):
         super().__init__()
         convs = []
         for index in range(4):
-            convs += [nn.Conv2d(channels if index == 0 else hidden, hidden, 3, padding=1),
-                      nn.ReLU(inplace=True)]
+            convs += _conv_block(channels if index == 0 else hidden, hidden, group_norm)
         self.convs = nn.Sequential(*convs)
         self.deconv = nn.ConvTranspose2d(hidden, hidden, 2, stride=2)
-        self.logits = nn.Conv2d(hidden, num_classes + 1, 1)
+        self.logits = nn.Conv2d(hidden, 1 if class_agnostic else num_classes + 1, 1)
         for module in self.modules():
             if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.constant_(module.bias, 0.0)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0.0)
+        if class_agnostic:
+            # Kaiming's fan-out init of a 1-channel conv draws weights of std sqrt(2): initial
+            # logits in the tens, a mask loss of ~1.9 instead of ~0.7. Small weights instead,
+            # as Detectron2 initialises its mask predictor.
+            nn.init.normal_(self.logits.weight, std=0.001)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """pooled float[X, C, S, S] -> mask logits float[X, K+1, 2S, 2S]."""
+        """pooled float[X, C, S, S] -> mask logits float[X, K+1, 2S, 2S] (float[X, 1, 2S, 2S]
+        if class-agnostic)."""
         return self.logits(F.relu(self.deconv(self.convs(pooled))))
 
 
@@ -93,6 +117,9 @@ class RoIHeads(nn.Module):
         score_threshold, nms_threshold, detections_per_image: inference.
         aligned: ROIAlign half-pixel alignment (torchvision's Mask R-CNN uses False).
         box_head_convs: 3x3 convs of the box head before its fc layers.
+        head_group_norm: GroupNorm after every 3x3 conv of the box and mask heads.
+        class_agnostic_boxes, class_agnostic_masks: one box regression / one mask per RoI
+            instead of one per class.
     """
 
     def __init__(self, channels: int, strides: list[int], num_classes: int, box_head_dim: int,
@@ -100,13 +127,15 @@ class RoIHeads(nn.Module):
                  bbox_reg_weights: tuple[float, float, float, float], pooler_resolution: int,
                  mask_pooler_resolution: int, mask_head_channels: int, max_fg_masks: int,
                  score_threshold: float, nms_threshold: float, detections_per_image: int,
-                 aligned: bool = True, box_head_convs: int = 0):
+                 aligned: bool = True, box_head_convs: int = 0, head_group_norm: bool = False,
+                 class_agnostic_boxes: bool = False, class_agnostic_masks: bool = False):
         super().__init__()
         self.strides = list(strides)
         self.num_classes = num_classes
         self.box_head = BoxHead(channels, pooler_resolution, box_head_dim, num_classes,
-                                box_head_convs)
-        self.mask_head = MaskHead(channels, mask_head_channels, num_classes)
+                                box_head_convs, head_group_norm, class_agnostic_boxes)
+        self.mask_head = MaskHead(channels, mask_head_channels, num_classes, head_group_norm,
+                                  class_agnostic_masks)
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
         self.fg_iou_threshold = fg_iou_threshold
@@ -171,7 +200,8 @@ class RoIHeads(nn.Module):
         targets = encode_boxes(matched_boxes, s["rois"], self.bbox_reg_weights)
         targets = torch.where(s["is_fg"].unsqueeze(-1), targets, 0.0)
         # (N, R, K+1, 4) -> (N, R, 4): the deltas of each RoI's own class.
-        own = deltas.gather(2, s["classes"][:, :, None, None].expand(-1, -1, 1, 4))[:, :, 0]
+        own = deltas.gather(2, _own_class(s["classes"], deltas.shape[2])[:, :, None, None]
+                            .expand(-1, -1, 1, 4))[:, :, 0]
         box = F.smooth_l1_loss(own, targets, beta=BOX_SMOOTH_L1_BETA, reduction="none").sum(-1)
 
         # Foreground RoIs come first, so the first F slots hold every mask-head sample.
@@ -182,7 +212,8 @@ class RoIHeads(nn.Module):
         classes = s["classes"][:, :f].reshape(-1)
         # (N*F, K+1, M, M) -> (N*F, M, M): the mask of each RoI's own class.
         own_mask = mask_logits.float().gather(
-            1, classes[:, None, None, None].expand(-1, 1, size, size))[:, 0]
+            1, _own_class(classes, mask_logits.shape[1])[:, None, None, None]
+            .expand(-1, 1, size, size))[:, 0]
         batch_index = torch.arange(n, device=fg.device).repeat_interleave(f)
         target = mask_targets(gt_masks, gt_boxes, fg_rois.reshape(-1, 4), batch_index,
                               s["matched"][:, :f].reshape(-1), size)
@@ -205,7 +236,8 @@ class RoIHeads(nn.Module):
         k = self.num_classes
         logits, deltas = self.box_head(self._pool(features, proposals, self.pooler_resolution))
         scores = F.softmax(logits.float(), dim=-1).reshape(n, p, k + 1)[:, :, 1:]  # (N, P, K)
-        deltas = deltas.float().reshape(n, p, k + 1, 4)[:, :, 1:]
+        deltas = deltas.float().reshape(n, p, -1, 4)
+        deltas = deltas[:, :, 1:] if deltas.shape[2] > 1 else deltas.expand(-1, -1, k, -1)
         boxes = decode_boxes(deltas, proposals.float().unsqueeze(2).expand(-1, -1, k, -1),
                              self.bbox_reg_weights)
         boxes = clip_boxes(boxes.reshape(n, p * k, 4), image_sizes)  # (N, P*K, 4)
@@ -229,7 +261,8 @@ class RoIHeads(nn.Module):
         size = mask_logits.shape[-1]
         # (N*D, K+1, M, M) -> (N, D, M, M): each detection's class (0 for padding).
         masks = mask_logits.float().gather(
-            1, det_classes.reshape(-1)[:, None, None, None].expand(-1, 1, size, size))
+            1, _own_class(det_classes.reshape(-1), mask_logits.shape[1])[:, None, None, None]
+            .expand(-1, 1, size, size))
         return {
             "boxes": det_boxes,
             "scores": det_scores,

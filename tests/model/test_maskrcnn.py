@@ -153,3 +153,45 @@ def test_box_head_convs_process_the_pooled_features():
     with torch.no_grad():
         convs[0].weight.mul_(2)
     assert not torch.allclose(model.roi_heads.box_head(pooled)[0], before)
+
+
+def test_head_group_norm_normalises_every_head_conv():
+    """If this fails, model.roi_heads.head_group_norm leaves a box- or mask-head conv without
+    its GroupNorm (or keeps the conv bias the norm makes redundant)."""
+    config = _config()
+    config.model.roi_heads.box_head_convs = 2
+    config.model.roi_heads.mask_head_channels = 32
+    config.model.roi_heads.head_group_norm = True
+    heads = build_model(config).roi_heads
+    for convs, count in ((heads.box_head.convs, 2), (heads.mask_head.convs, 4)):
+        layers = list(convs)
+        pairs = [(a, b) for a, b in zip(layers[:-1], layers[1:], strict=True)
+                 if isinstance(a, torch.nn.Conv2d)]
+        assert len(pairs) == count
+        assert all(isinstance(b, torch.nn.GroupNorm) and a.bias is None for a, b in pairs)
+
+
+def test_class_agnostic_heads_ignore_the_class():
+    """If this fails, class_agnostic_boxes / _masks still pick a per-class output: relabelling
+    every ground-truth object must change only loss_cls, and every detection's box and mask
+    come from the one agnostic output."""
+    config = _config()
+    config.model.roi_heads.class_agnostic_boxes = True
+    config.model.roi_heads.class_agnostic_masks = True
+    torch.manual_seed(0)
+    model = build_model(config).train()
+    model.rpn.keys = model.roi_heads.keys = _fixed_keys
+    assert model.roi_heads.box_head.bbox_pred.out_features == 4
+    assert model.roi_heads.mask_head.logits.out_channels == 1
+    batch = _batch(3)
+    relabelled = list(batch)
+    relabelled[3] = torch.where(batch[4], batch[3] % 5 + 1, 0)  # every class changes
+    assert (relabelled[3] != batch[3])[batch[4]].all()
+    a, b = model(*batch), model(*relabelled)
+    for key in ("loss_rpn_cls", "loss_rpn_box", "loss_box", "loss_mask"):
+        torch.testing.assert_close(a[key], b[key])
+    assert not torch.allclose(a["loss_cls"], b["loss_cls"])
+    assert a["loss_box"] > 0 and a["loss_mask"] > 0
+    model.eval()
+    out = model(*batch[:2])
+    assert out["valid"].any() and out["masks"].shape[-1] == 28
