@@ -23,8 +23,10 @@ TINY = [
 
 
 def run_module(module: str, *flags: str, cache_dir: Path, timeout: int = 600):
-    """Runs `python -m module flags` as a user would; returns the CompletedProcess."""
-    env = {**os.environ, "MASKRCNN_CACHE": str(cache_dir)}
+    """Runs `python -m module flags` as a user would, on the CPU (the tests check CPU
+    behaviour; --device=auto would pick a GPU where there is one); returns the
+    CompletedProcess."""
+    env = {**os.environ, "MASKRCNN_CACHE": str(cache_dir), "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
 

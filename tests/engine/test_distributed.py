@@ -211,7 +211,8 @@ def test_a_collective_that_waits_too_long_names_the_rank_and_the_operation(two_r
 # ---------------------------------------------------------------- commands under torchrun
 
 def _run(args: list[str], cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MASKRCNN_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MASKRCNN_CACHE": str(cache), "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}  # CPU ranks (Gloo), also on a machine with a GPU
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)
 
