@@ -7,14 +7,14 @@ Semantics per row are torchvision's `batched_nms` over the row's valid boxes: gr
 suppressed by a kept box of the same group with IoU > iou_threshold, boxes are visited by
 descending score and among equal scores the lower index goes first.
 
-How: one call of torchvision's `nms` (its C++ kernel on CPU, CUDA kernel on GPU) for the whole
-batch. Rows and groups are kept apart with torchvision's `batched_nms` offset trick: each
-(row, group) cell is shifted to its own region of the plane, far enough that boxes of
-different cells never intersect. The shift is done in float64 so it costs no precision (in
-float32, shifting boxes by 16 images x 80 classes x 1300 px would round their coordinates to
-1/8 px). The candidates are ranked once by (score descending, index ascending) and `nms` gets
-that rank as its score, so ties break the same way whatever sort torchvision uses on the
-device.
+How: on a GPU, one call of torchvision's `nms` (its CUDA kernel) for the whole batch. Rows and
+groups are kept apart with torchvision's `batched_nms` offset trick: each (row, group) cell is
+shifted to its own region of the plane, far enough that boxes of different cells never
+intersect. The shift is done in float64 so it costs no precision (in float32, shifting boxes by
+16 images x 80 classes x 1300 px would round their coordinates to 1/8 px). On the CPU, one call
+of its C++ kernel per cell (see _nms_per_cell). The candidates are ranked once by (score
+descending, index ascending) and `nms` gets that rank as its score, so ties break the same way
+whatever sort torchvision uses on the device.
 
 The op is opaque to torch.compile (a `torch.library` op with a fake implementation giving its
 static output shapes), so the data-dependent steps inside it (selecting the valid boxes, the
@@ -24,6 +24,10 @@ suppression mask to the host: one synchronisation per call.
 
 import torch
 from torchvision.ops import nms
+
+# Devices whose candidates go through one `nms` call per (row, group) cell rather than one
+# shifted call for the batch (tests run the CPU through both).
+PER_CELL_DEVICE_TYPES = {"cpu"}
 
 
 @torch.library.custom_op("maskrcnn::batched_nms_fixed", mutates_args=())
@@ -56,13 +60,11 @@ def batched_nms_fixed(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Te
     row = candidates // k
     _, group = torch.unique(groups.reshape(-1)[candidates], return_inverse=True)
     cell = row * (group.max() + 1) + group  # (C,) one id per (row, group)
-    cell_boxes = boxes.reshape(-1, 4)[candidates].double()  # (C, 4)
-    finite = cell_boxes.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-    low = finite.min()
-    span = finite.max() - low + 1  # wider than any box, so shifted cells never intersect
-    shifted = cell_boxes - low + (cell * span)[:, None]
-    rank = -torch.arange(candidates.numel(), dtype=torch.float64, device=scores.device)
-    kept = candidates[nms(shifted, rank, iou_threshold)]  # (kept,) by descending rank
+    cell_boxes = boxes.reshape(-1, 4)[candidates]  # (C, 4)
+    if boxes.device.type in PER_CELL_DEVICE_TYPES:
+        kept = candidates[_nms_per_cell(cell_boxes, cell, iou_threshold)]
+    else:
+        kept = candidates[_nms_shifted(cell_boxes.double(), cell, iou_threshold)]
     # Regroup by row, keeping the score order within each row, and give each a slot.
     kept_row, by_row = (kept // k).sort(stable=True)
     kept = kept[by_row]
@@ -73,6 +75,32 @@ def batched_nms_fixed(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Te
     indices[kept_row[fits], slot[fits]] = kept[fits] % k
     keep[kept_row[fits], slot[fits]] = True
     return indices, keep
+
+
+def _nms_shifted(boxes: torch.Tensor, cell: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Greedy NMS of rank-ordered float64 boxes[C, 4] within each cell, in one `nms` call: each
+    cell is shifted to its own region of the plane. Returns the kept positions in rank order.
+    """
+    finite = boxes.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    low = finite.min()
+    span = finite.max() - low + 1  # wider than any box, so shifted cells never intersect
+    shifted = boxes - low + (cell * span)[:, None]
+    rank = -torch.arange(boxes.shape[0], dtype=torch.float64, device=boxes.device)
+    return nms(shifted, rank, iou_threshold)
+
+
+def _nms_per_cell(boxes: torch.Tensor, cell: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """As _nms_shifted, with one `nms` call per cell: torchvision's CPU kernel compares every
+    kept box with every later box of its call, so one call over B rows costs about B times more
+    than B calls (the shifted boxes of other rows never overlap, but are still visited)."""
+    order = cell.sort(stable=True).indices  # by cell, rank order within each cell
+    counts = torch.bincount(cell[order]).tolist()
+    rank = -torch.arange(boxes.shape[0], dtype=boxes.dtype)
+    kept = []
+    for positions in order.split(counts):
+        if positions.numel():
+            kept.append(positions[nms(boxes[positions], rank[positions], iou_threshold)])
+    return torch.cat(kept).sort().values  # rank order over all cells
 
 
 @batched_nms_fixed.register_fake

@@ -4,7 +4,17 @@ import pytest
 import torch
 from torchvision.ops import batched_nms
 
+from maskrcnn.ops import nms as nms_module
 from maskrcnn.ops.nms import batched_nms_fixed, nms_reference
+
+
+@pytest.fixture(autouse=True, params=["one call per cell", "one shifted call"])
+def strategy(request, monkeypatch):
+    """Every test runs both ways of calling torchvision's nms: per (row, group) cell, as on the
+    CPU, and once for the batch with shifted boxes, as on a GPU."""
+    if request.param == "one shifted call":
+        monkeypatch.setattr(nms_module, "PER_CELL_DEVICE_TYPES", set())
+    return request.param
 
 
 def _random_batch(b, k, seed, groups=3, score_levels=None, size=100.0):
