@@ -62,6 +62,35 @@ def _backbone(config: Config) -> BackboneWithFPN:
                            [width * 2**i for i in range(4)], config.model.fpn_channels)
 
 
+class _ClassAgnostic(nn.Module):
+    """A predictor with one class-agnostic output, repeated for each of the K + 1 classes so
+    that torchvision's per-class losses and inference index it like theirs (repeating is a
+    view: the parameters and FLOPs are those of the one output, as ours)."""
+
+    def __init__(self, predictor: nn.Module, classes: int):
+        super().__init__()
+        self.predictor, self.classes = predictor, classes
+
+    def forward(self, x: torch.Tensor):
+        out = self.predictor(x)
+        if isinstance(out, tuple):  # box predictor: (class scores, deltas[X, 4])
+            return out[0], out[1].repeat(1, self.classes)
+        return out.expand(-1, self.classes, -1, -1)  # mask logits[X, 1, M, M]
+
+
+class _AgnosticBoxPredictor(nn.Module):
+    """FastRCNNPredictor with one box regression (4 deltas) for all classes."""
+
+    def __init__(self, in_channels: int, classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, classes)
+        self.bbox_pred = nn.Linear(in_channels, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.flatten(1)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
 def build_torchvision_model(config: Config) -> TorchvisionMaskRCNN:
     """torchvision's MaskRCNN at the config's settings, for images that fill its first canvas:
     min_size and max_size are the canvas's sides, so its transform resizes by exactly 1."""
@@ -94,7 +123,9 @@ def build_torchvision_model(config: Config) -> TorchvisionMaskRCNN:
                                      norm_layer=head_norm)
                   if roi.box_head_convs else
                   TwoMLPHead(c * roi.pooler_resolution**2, roi.box_head_dim)),
-        box_predictor=FastRCNNPredictor(roi.box_head_dim, k + 1),
+        box_predictor=(_ClassAgnostic(_AgnosticBoxPredictor(roi.box_head_dim, k + 1), k + 1)
+                       if roi.class_agnostic_boxes else
+                       FastRCNNPredictor(roi.box_head_dim, k + 1)),
         box_score_thresh=roi.test_score_threshold, box_nms_thresh=roi.test_nms_threshold,
         box_detections_per_img=roi.detections_per_image,
         # Ours labels RoIs below the foreground threshold background: one threshold for both.
@@ -104,7 +135,10 @@ def build_torchvision_model(config: Config) -> TorchvisionMaskRCNN:
         bbox_reg_weights=tuple(roi.bbox_reg_weights),
         mask_roi_pool=MultiScaleRoIAlign(POOLED, roi.mask_pooler_resolution, sampling_ratio=2),
         mask_head=MaskRCNNHeads(c, [roi.mask_head_channels] * 4, 1, norm_layer=head_norm),
-        mask_predictor=MaskRCNNPredictor(roi.mask_head_channels, roi.mask_head_channels, k + 1),
+        mask_predictor=(_ClassAgnostic(MaskRCNNPredictor(roi.mask_head_channels,
+                                                          roi.mask_head_channels, 1), k + 1)
+                        if roi.class_agnostic_masks else
+                        MaskRCNNPredictor(roi.mask_head_channels, roi.mask_head_channels, k + 1)),
     )
 
 
@@ -119,10 +153,6 @@ def unmatched_settings(config: Config) -> list[str]:
     if m.rpn.min_box_size != 1e-3:
         notes.append(f"RPN minimum proposal side: torchvision's is fixed at 1e-3 px, ours "
                      f"{m.rpn.min_box_size:g} px (model.rpn.min_box_size).")
-    if roi.class_agnostic_boxes or roi.class_agnostic_masks:
-        notes.append("Class-agnostic box regression or masks (model.roi_heads.class_agnostic_"
-                     "boxes / _masks): torchvision's predictors are per class (a few more "
-                     "outputs in the last layers; same cost otherwise).")
     most_fg = int(roi.batch_size_per_image * roi.positive_fraction)
     notes.append(f"Mask head in training: torchvision's runs on the foreground RoIs only "
                  f"(data-dependent, at most {most_fg} per image; with random weights few "
