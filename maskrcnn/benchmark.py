@@ -117,11 +117,15 @@ def measure_ours(config: Config, batch: Batch, device: torch.device, peak: float
         def train():
             last["loss"] = trainer.train_step(batch)
 
+        # RoIs in the mask head: the static F slots per image, fewer where the CPU trims
+        # slots without foreground (roi_heads.TRIM_MASK_SLOTS_DEVICE_TYPES).
+        hook = trainer.model.roi_heads.mask_head.register_forward_hook(
+            lambda module, args, out: last.update(mask_rois=args[0].shape[0]))
         with trainer.eager():
             flops = count_flops(train)
+        hook.remove()
         seconds = time_steps(train, device, FLAGS.steps, FLAGS.warmup)
-    roi = config.model.roi_heads
-    mask_rois = len(batch) * min(roi.max_fg_masks_per_image, roi.batch_size_per_image)
+    mask_rois = last["mask_rois"]
     out = {"train": _training_record(seconds, len(batch), flops, memory, peak, last["loss"],
                                      _trainable(trainer.model), mask_rois),
            "memory_kind": memory.kind}

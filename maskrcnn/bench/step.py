@@ -15,6 +15,7 @@ from maskrcnn.data.batch import Batch
 from maskrcnn.engine.solver import Schedule, build_lr_scheduler, build_optimizer, make_schedule
 from maskrcnn.engine.trainer import Trainer, autocast_dtype, compile_step, model_inputs
 from maskrcnn.model.maskrcnn import build_model
+from maskrcnn.model.trim import trims, used_slots
 from maskrcnn.ops.paste_masks import paste_masks
 
 
@@ -68,7 +69,11 @@ def inference_step(trainer: BenchTrainer, batch: Batch) -> Callable[[], dict[str
             with torch.autocast(trainer.device.type, dtype=trainer.autocast_dtype,
                                 enabled=trainer.autocast_dtype is not None):
                 out = trainer.forward(*inputs)
-            out["masks"] = paste_masks(out["masks"].float(), out["boxes"].float(), h, w)
+            # On a CPU, only the slots with a detection in some image (as the mask head).
+            valid = out["valid"]
+            d = used_slots(valid) if trims(valid) else valid.shape[1]
+            out["masks"] = paste_masks(out["masks"][:, :d].float(), out["boxes"][:, :d].float(),
+                                       h, w)
         return out
 
     return step

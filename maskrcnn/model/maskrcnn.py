@@ -13,6 +13,7 @@ from maskrcnn.model.anchors import AnchorCache
 from maskrcnn.model.backbone import Backbone
 from maskrcnn.model.roi_heads import RoIHeads
 from maskrcnn.model.rpn import RPN
+from maskrcnn.model.trim import trims, used_slots
 
 # The RoI heads pool from P2..P5; P6 only feeds the RPN (as in the FPN paper).
 POOLED_LEVELS = 4
@@ -69,7 +70,12 @@ class MaskRCNN(nn.Module):
             with record_function("roi_heads"):
                 return self.roi_heads.detect(pooled, proposals, proposals_valid, image_sizes)
         with record_function("rpn_losses"):
-            losses = self.rpn.losses(objectness, deltas, anchors, gt_boxes, gt_valid)
+            # On a CPU, anchors are matched to the ground-truth slots used in some image only
+            # (trim.py). The RoI heads keep all G: their sampling keys, one per candidate
+            # (proposals and ground-truth slots), must not depend on the batch's contents.
+            g = used_slots(gt_valid) if trims(gt_valid) else gt_valid.shape[1]
+            losses = self.rpn.losses(objectness, deltas, anchors, gt_boxes[:, :g],
+                                     gt_valid[:, :g])
         with record_function("roi_heads"):
             losses.update(self.roi_heads.losses(pooled, proposals, proposals_valid, gt_boxes,
                                                 gt_classes, gt_valid, gt_masks))

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from maskrcnn.data.gt_masks import mask_targets
 from maskrcnn.model.backbone import GN_GROUPS
 from maskrcnn.model.sampling import local_counts, match, sample, uniform_keys
+from maskrcnn.model.trim import trims, used_slots
 from maskrcnn.ops.boxes import clip_boxes, decode_boxes, encode_boxes
 from maskrcnn.ops.nms import batched_nms_fixed
 from maskrcnn.ops.roi_align import multilevel_roi_align
@@ -206,6 +207,8 @@ class RoIHeads(nn.Module):
 
         # Foreground RoIs come first, so the first F slots hold every mask-head sample.
         f = min(self.max_fg_masks, r)
+        if trims(s["is_fg"]):  # on a CPU, only the slots with foreground in some image
+            f = used_slots(s["is_fg"][:, :f])
         fg_rois, fg = s["rois"][:, :f], s["is_fg"][:, :f]
         mask_logits = self.mask_head(self._pool(features, fg_rois, self.mask_pooler_resolution))
         size = mask_logits.shape[-1]
@@ -256,17 +259,22 @@ class RoIHeads(nn.Module):
         det_scores = top.values.gather(1, keep_index) * keep
         det_classes = torch.where(keep, classes.gather(1, keep_index), 0)
 
+        # Kept detections come first; on a CPU the mask head skips the slots empty in every
+        # image (see trim.py). Masks of empty slots are 0 either way.
         d = det_boxes.shape[1]
-        mask_logits = self.mask_head(self._pool(features, det_boxes, self.mask_pooler_resolution))
+        used = used_slots(keep) if trims(keep) else d
+        mask_logits = self.mask_head(self._pool(features, det_boxes[:, :used],
+                                                self.mask_pooler_resolution))
         size = mask_logits.shape[-1]
-        # (N*D, K+1, M, M) -> (N, D, M, M): each detection's class (0 for padding).
+        # (N*U, K+1, M, M) -> (N, U, M, M): each detection's class (0 for padding).
         masks = mask_logits.float().gather(
-            1, _own_class(det_classes.reshape(-1), mask_logits.shape[1])[:, None, None, None]
-            .expand(-1, 1, size, size))
+            1, _own_class(det_classes[:, :used].reshape(-1), mask_logits.shape[1])
+            [:, None, None, None].expand(-1, 1, size, size))
+        masks = masks.sigmoid().reshape(n, used, size, size) * keep[:, :used, None, None]
         return {
             "boxes": det_boxes,
             "scores": det_scores,
             "classes": det_classes,
             "valid": keep,
-            "masks": masks.sigmoid().reshape(n, d, size, size),
+            "masks": F.pad(masks, (0, 0, 0, 0, 0, d - used)),  # (N, D, M, M)
         }

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from maskrcnn.config import load_config
+from maskrcnn.model import trim as trim_module
 from maskrcnn.model.maskrcnn import build_model
+from maskrcnn.model.trim import used_slots
 
 LOSS_KEYS = {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask"}
 CANVAS = (128, 160)
@@ -195,3 +197,71 @@ def test_class_agnostic_heads_ignore_the_class():
     model.eval()
     out = model(*batch[:2])
     assert out["valid"].any() and out["masks"].shape[-1] == 28
+
+
+
+def test_trimmed_slots_give_the_same_losses_and_gradients(monkeypatch):
+    """If this fails, trimming padded slots on the CPU (ground-truth slots unused in every
+    image, in anchor matching; mask-head slots without foreground in every image) changes the
+    training maths: losses and gradients must equal those of the static sizes that GPUs and
+    compiled steps run."""
+    batch = _batch(3)  # 1, 2 and 3 annotations in 4 ground-truth slots
+    gt_slots, mask_rois, results = [], [], []
+    for trim in ({"cpu"}, set()):
+        monkeypatch.setattr(trim_module, "TRIM_DEVICE_TYPES", trim)
+        model = _model().train()
+        rpn_losses = model.rpn.losses
+
+        def spy(objectness, deltas, anchors, gt_boxes, gt_valid, rpn_losses=rpn_losses):
+            gt_slots.append(gt_boxes.shape[1])
+            return rpn_losses(objectness, deltas, anchors, gt_boxes, gt_valid)
+
+        model.rpn.losses = spy
+        model.roi_heads.mask_head.register_forward_hook(
+            lambda module, args, out: mask_rois.append(args[0].shape[0]))
+        losses = model(*batch)
+        sum(losses.values()).backward()
+        results.append((losses, {n: p.grad for n, p in model.named_parameters()
+                                 if p.grad is not None}))
+    # Both trims happened (else this test compares a path with itself).
+    assert gt_slots == [3, 4]
+    assert mask_rois[1] == 3 * model.roi_heads.max_fg_masks and 0 < mask_rois[0] < mask_rois[1]
+    (trimmed, trimmed_grads), (static, static_grads) = results
+    for key in LOSS_KEYS:
+        torch.testing.assert_close(trimmed[key], static[key], rtol=1e-5, atol=1e-7)
+    assert trimmed_grads.keys() == static_grads.keys()
+    for name, grad in static_grads.items():
+        torch.testing.assert_close(trimmed_grads[name], grad, rtol=1e-4, atol=1e-6,
+                                   msg=name)
+
+
+def test_used_slots_counts_to_the_last_used_slot():
+    """If this fails, trimming cuts a used slot (a valid slot after an invalid one) or
+    returns an empty set."""
+    used = torch.tensor([[True, False, False, False], [False, False, True, False]])
+    assert used_slots(used) == 3
+    assert used_slots(torch.zeros(2, 5, dtype=torch.bool)) == 1
+    assert used_slots(torch.zeros(2, 0, dtype=torch.bool)) == 1
+
+
+def test_trimmed_detection_slots_give_the_same_detections(monkeypatch):
+    """If this fails, running the mask head at inference only on the detection slots used in
+    some image (the CPU's path) changes a detection or its mask, or padded slots do not get
+    zero masks."""
+    batch = _batch(2)[:2]
+    outputs, mask_rois = [], []
+    for trim in ({"cpu"}, set()):
+        monkeypatch.setattr(trim_module, "TRIM_DEVICE_TYPES", trim)
+        model = _model().eval()
+        model.roi_heads.score_threshold = 0.2  # 29 and 37 of 50 slots hold a detection
+        model.roi_heads.mask_head.register_forward_hook(
+            lambda module, args, out: mask_rois.append(args[0].shape[0]))
+        with torch.no_grad():
+            outputs.append(model(*batch))
+    d = model.roi_heads.detections_per_image
+    assert 0 < mask_rois[0] < mask_rois[1] == 2 * d  # the trimmed run skipped slots
+    trimmed, static = outputs
+    assert trimmed.keys() == static.keys()
+    for key, value in static.items():
+        torch.testing.assert_close(trimmed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert (static["masks"][~static["valid"]] == 0).all()

@@ -1,0 +1,32 @@
+"""Skipping padded slots where the host can read a count for free.
+
+The model pads per-image sets to static sizes (ground-truth slots G, mask-head slots F) so that
+a GPU step has one shape and no host synchronisation. On a CPU there is no queue of device work
+that a host read would drain, so the forward cuts those sets to the slots that are used in some
+image of the batch: ground-truth slots in anchor matching and mask-head slots in training,
+detection slots in the mask head at inference. Padded slots are invalid (ground truth,
+detections) or background (mask slots), so they add 0 to every loss and gradient and get zero
+masks: the maths is the same either way (tests run both). GPUs, and a compiled step on any
+device, keep the static sizes.
+
+Shape legend: N images, S slots per image.
+"""
+
+import torch
+
+# Devices on which the training forward trims padded slots (tests empty it to run the static
+# path on the CPU).
+TRIM_DEVICE_TYPES = {"cpu"}
+
+
+def trims(tensor: torch.Tensor) -> bool:
+    """Whether slots of tensors on this tensor's device are trimmed here."""
+    return tensor.device.type in TRIM_DEVICE_TYPES and not torch.compiler.is_compiling()
+
+
+def used_slots(used: torch.Tensor) -> int:
+    """bool[N, S] -> 1 + the last slot used in any image (at least 1, so no set is empty).
+
+    Reads the count on the host: call only where `trims` is true."""
+    position = torch.arange(1, used.shape[1] + 1, device=used.device)
+    return max(1, int((used.any(0) * position).max())) if used.shape[1] else 1
