@@ -215,7 +215,7 @@ def run_benchmark(config: Config, device: torch.device) -> dict:
             report[section]["torchvision"] = theirs[section]
             report[section]["ratio"] = (report[section]["ours"]["images_per_s"]["median"]
                                         / theirs[section]["images_per_s"]["median"])
-        report["unmatched_settings"] = unmatched_settings(config)
+        report["unmatched_settings"] = unmatched_settings(config, device)
     if FLAGS.ops:
         report["ops"] = bench_ops(config, device, FLAGS.steps, max(FLAGS.warmup, 1))
     return report

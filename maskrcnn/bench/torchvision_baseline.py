@@ -36,6 +36,7 @@ from maskrcnn.engine.solver import apply_gradients, build_lr_scheduler, build_op
 from maskrcnn.engine.trainer import autocast_dtype
 from maskrcnn.model.backbone import GN_GROUPS
 from maskrcnn.model.roi_heads import MAX_NMS_CANDIDATES
+from maskrcnn.model.trim import TRIM_DEVICE_TYPES
 
 # What our backbone.frozen_stages = k freezes: the parameters under the first k of these
 # (model/backbone.py); torchvision's trainable_layers = 5 - k is the same split.
@@ -142,7 +143,7 @@ def build_torchvision_model(config: Config) -> TorchvisionMaskRCNN:
     )
 
 
-def unmatched_settings(config: Config) -> list[str]:
+def unmatched_settings(config: Config, device: torch.device) -> list[str]:
     """What differs between the two sides of the comparison, one sentence each."""
     m, run = config.model, config.run
     roi = m.roi_heads
@@ -154,12 +155,17 @@ def unmatched_settings(config: Config) -> list[str]:
         notes.append(f"RPN minimum proposal side: torchvision's is fixed at 1e-3 px, ours "
                      f"{m.rpn.min_box_size:g} px (model.rpn.min_box_size).")
     most_fg = int(roi.batch_size_per_image * roi.positive_fraction)
+    slots = min(roi.max_fg_masks_per_image, roi.batch_size_per_image)
+    trimmed = device.type in TRIM_DEVICE_TYPES
     notes.append(f"Mask head in training: torchvision's runs on the foreground RoIs only "
                  f"(data-dependent, at most {most_fg} per image; with random weights few "
                  f"proposals overlap the ground truth, far fewer than in real training: see "
-                 f"the mask-head RoIs per image); ours always runs on "
-                 f"{min(roi.max_fg_masks_per_image, roi.batch_size_per_image)} slots per "
-                 f"image, padded ones included, and counts their FLOPs.")
+                 f"the mask-head RoIs per image); "
+                 + (f"on this device ours runs on the first slots of {slots} per image that "
+                    f"hold foreground in some image (model/trim.py), padded ones included, "
+                    f"and counts their FLOPs." if trimmed else
+                    f"ours always runs on {slots} slots per image, padded ones included, and "
+                    f"counts their FLOPs."))
     notes.append("Inputs: torchvision takes the same images as a list of float32 images "
                  "(converted once, before timing) and full-image masks; inside its step its "
                  "transform normalises, resizes by exactly 1 (one interpolation per image and "
@@ -168,8 +174,12 @@ def unmatched_settings(config: Config) -> list[str]:
                  f"detections above the score threshold, a data-dependent count (random weights "
                  f"give near-uniform class scores, 1 / (K + 1) = {1 / (m.num_classes + 1):.3f} "
                  f"against a threshold of {roi.test_score_threshold:g}: see the detection "
-                 f"counts); ours always computes {roi.detections_per_image} per image, and "
-                 f"caps the candidates of its final NMS at {MAX_NMS_CANDIDATES} per image.")
+                 f"counts); ours caps the candidates of its final NMS at {MAX_NMS_CANDIDATES} "
+                 f"per image and "
+                 + ("on this device computes and pastes masks for the first slots of "
+                    f"{roi.detections_per_image} per image that hold a detection in some image "
+                    "(at least one)." if trimmed else
+                    f"always computes and pastes {roi.detections_per_image} per image."))
     if m.backbone.norm == config_pb2.FROZEN_BN:
         notes.append("Frozen batch norm: torchvision's recomputes its scale from four buffers "
                      "at every call; ours is folded once (implementation, not setting).")
