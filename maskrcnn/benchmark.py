@@ -23,7 +23,7 @@ import torch
 import torchvision
 from absl import flags
 
-from maskrcnn.bench.breakdown import breakdown
+from maskrcnn.bench.breakdown import breakdown, matrix_time
 from maskrcnn.bench.measure import (
     PeakMemory,
     count_flops,
@@ -169,6 +169,8 @@ def _measure_torchvision(config: Config, batch: Batch, device: torch.device,
     out = {"train": _training_record(seconds, len(batch), flops, memory, peak, last["loss"],
                                      _trainable(baseline.model), baseline.mask_rois)}
     _progress("torchvision", "training", out["train"])
+    if FLAGS.breakdown:
+        out["matrix"] = matrix_time(train, device, min(PROFILE_STEPS, FLAGS.steps))
     baseline.model.eval()
     seconds = time_steps(baseline.inference_step, device, FLAGS.steps, FLAGS.warmup)
     out["inference"] = throughput(seconds, len(batch))
@@ -211,6 +213,8 @@ def run_benchmark(config: Config, device: torch.device) -> dict:
     if FLAGS.baseline == "torchvision":
         theirs = measure_torchvision(config, batch, device, peak)
         _free(device)
+        if "matrix" in theirs:
+            report["torchvision_matrix"] = theirs["matrix"]
         for section in ("train", "inference"):
             report[section]["torchvision"] = theirs[section]
             report[section]["ratio"] = (report[section]["ours"]["images_per_s"]["median"]
@@ -287,6 +291,15 @@ def format_report(report: dict) -> str:
         for stage in b["stages"]:
             name = ("    " + stage["name"]) if stage["part_of"] else stage["name"]
             lines.append(f"  {name:<46}{stage['ms']:>10.2f}{stage['percent']:>8.1f}")
+        lines.append(f"  convolutions and matrix products: {b['matrix_ms']:.1f} ms "
+                     f"({b['matrix_ms'] / b['step_ms']:.1%} of the step)")
+    if "breakdown" in report and "torchvision_matrix" in report:
+        ours, theirs = report["breakdown"], report["torchvision_matrix"]
+        lines.append(f"  torchvision's, profiled the same way: {theirs['matrix_ms']:.1f} ms of "
+                     f"{theirs['step_ms']:.1f} ({theirs['matrix_ms'] / theirs['step_ms']:.1%}).")
+        lines.append(f"  Both sides run these in the same library kernels: were all else free, "
+                     f"ours would reach {theirs['step_ms'] / ours['matrix_ms']:.2f}x "
+                     f"torchvision's images/s at most (its profiled step / our matrix time).")
     if "ops" in report:
         lines += ["", "ops at training-step sizes (median ms; speed-up = torchvision / ours):",
                   f"  {'op':<18}{'ours':>10}{'tv':>10}{'speed-up':>10}  case; check"]

@@ -17,7 +17,7 @@ from tests.tiny import REPO, TINY
 
 STEPS = 3
 SECTIONS = ("command", "environment", "setup", "peak", "memory_kind", "train", "inference",
-            "breakdown", "unmatched_settings", "ops")
+            "breakdown", "torchvision_matrix", "unmatched_settings", "ops")
 
 
 def _run(*flags: str) -> subprocess.CompletedProcess:
@@ -120,12 +120,26 @@ def test_breakdown_accounts_for_the_step(run):
     assert by_name["ROIAlign backward"]["ms"] < by_name["backward"]["ms"]
 
 
+def test_matrix_time_holds_the_convolutions(run):
+    """If this fails, the time in convolutions and matrix products (behind the printed bound
+    on our speed-up) misses ops or counts some twice: it must fit in the step, and running
+    the counted FLOPs in it must not beat the measured matrix-product peak by far."""
+    _, report = run
+    peak = report["peak"]["tflops"] * 1e12
+    for side, record in (("ours", report["breakdown"]),
+                         ("torchvision", report["torchvision_matrix"])):
+        assert 0 < record["matrix_ms"] < record["step_ms"], side
+        flops = report["train"][side]["flops_per_step"]
+        assert flops / (record["matrix_ms"] / 1e3) < 1.5 * peak, side
+
+
 def test_printed_report_has_the_tables(run):
     """If this fails, the printed report lost a table the JSON has."""
     stdout, _ = run
     for text in ("training step", "inference", "ours / torchvision images/s",
                  "settings that differ", "where our training step's time goes",
-                 "ops at training-step sizes", "ROIAlign backward", "MFU: FLOPs as run"):
+                 "ops at training-step sizes", "ROIAlign backward", "MFU: FLOPs as run",
+                 "convolutions and matrix products", "would reach"):
         assert text in stdout
 
 

@@ -25,6 +25,10 @@ HEADS_SCOPE = "box+mask heads"
 ROI_ALIGN_OP = "maskrcnn::multilevel_roi_align"
 ROI_ALIGN_BACKWARD_OP = "maskrcnn::multilevel_roi_align_backward"
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
+# ATen matrix products; with every ATen op named "...convolution..." (forward, backward,
+# transposed, oneDNN or cuDNN) they are the work that both sides of the benchmark run in the
+# same library kernels, whatever the rest of their steps do.
+MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 OPTIMIZER_PREFIX = "Optimizer."  # Optimizer.step#SGD.step, Optimizer.zero_grad#SGD.zero_grad
 
 
@@ -51,6 +55,41 @@ def _outermost(events: Iterable[FunctionEvent],
         if parent is None:
             out.append(event)
     return out
+
+
+def _is_matrix_op(event: FunctionEvent) -> bool:
+    return event.name in MATRIX_PRODUCTS or (event.name.startswith("aten::")
+                                             and "convolution" in event.name)
+
+
+def _matrix_ms(events: list[FunctionEvent], use_device: bool) -> float:
+    """Milliseconds in convolutions and matrix products: the ops' own time (their children
+    excluded, so nested ops count once), on the host or the device."""
+    ops = [e for e in events if _is_matrix_op(e)]
+    if use_device:
+        return sum(e.self_device_time_total for e in ops) / 1e3
+    return sum(e.self_cpu_time_total for e in ops) / 1e3
+
+
+def matrix_time(step: Callable[[], object], device: torch.device, steps: int) -> dict:
+    """Profiles `steps` calls of step() (a warmed-up training step of any model).
+
+    Returns {"step_ms": mean measured step time under the profiler, "matrix_ms": its part in
+    convolutions and matrix products, per step; host time on a CPU, device time on CUDA}.
+    """
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as profiler:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        step_ms = (time.perf_counter() - start) * 1e3 / steps
+    events = [e for e in profiler.events() if e.device_type == DeviceType.CPU]
+    return {"step_ms": step_ms,
+            "matrix_ms": _matrix_ms(events, device.type == "cuda") / steps}
 
 
 def _times_ms(events: list[FunctionEvent]) -> tuple[float, float]:
@@ -89,7 +128,8 @@ def breakdown(step: Callable[[], object], model: MaskRCNN, device: torch.device,
 
     Returns {"step_ms": mean measured step time under the profiler, "time": "host" or
     "device", "stages": [{"name", "host_ms", "device_ms", "ms" (the one of "time"),
-    "percent" (of step_ms), "part_of" (the enclosing stage's name, or None)}]}.
+    "percent" (of step_ms), "part_of" (the enclosing stage's name, or None)}], "matrix_ms":
+    the step's time in convolutions and matrix products (see matrix_time)}.
     """
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -146,4 +186,4 @@ def breakdown(step: Callable[[], object], model: MaskRCNN, device: torch.device,
     for stage in stages:
         stage["percent"] = 100 * stage["ms"] / step_ms
     return {"step_ms": step_ms, "time": ("host", "device")[basis], "steps": steps,
-            "stages": stages}
+            "stages": stages, "matrix_ms": _matrix_ms(events, use_device) / steps}
