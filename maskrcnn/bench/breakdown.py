@@ -71,12 +71,11 @@ def _matrix_ms(events: list[FunctionEvent], use_device: bool) -> float:
     return sum(e.self_cpu_time_total for e in ops) / 1e3
 
 
-def matrix_time(step: Callable[[], object], device: torch.device, steps: int) -> dict:
-    """Profiles `steps` calls of step() (a warmed-up training step of any model).
-
-    Returns {"step_ms": mean measured step time under the profiler, "matrix_ms": its part in
-    convolutions and matrix products, per step; host time on a CPU, device time on CUDA}.
-    """
+def _profiled(step: Callable[[], object], device: torch.device,
+              steps: int) -> tuple[list[FunctionEvent], float]:
+    """Runs step() `steps` times under the profiler: its host-side events and the mean
+    measured step time (ms). Host-side only: on CUDA each record_function also has a GPU
+    annotation event of the same name, whose kernels the host range already counts."""
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
@@ -87,7 +86,16 @@ def matrix_time(step: Callable[[], object], device: torch.device, steps: int) ->
             step()
         synchronize(device)
         step_ms = (time.perf_counter() - start) * 1e3 / steps
-    events = [e for e in profiler.events() if e.device_type == DeviceType.CPU]
+    return [e for e in profiler.events() if e.device_type == DeviceType.CPU], step_ms
+
+
+def matrix_time(step: Callable[[], object], device: torch.device, steps: int) -> dict:
+    """Profiles `steps` calls of step() (a warmed-up training step of any model).
+
+    Returns {"step_ms": mean measured step time under the profiler, "matrix_ms": its part in
+    convolutions and matrix products, per step; host time on a CPU, device time on CUDA}.
+    """
+    events, step_ms = _profiled(step, device, steps)
     return {"step_ms": step_ms,
             "matrix_ms": _matrix_ms(events, device.type == "cuda") / steps}
 
@@ -131,24 +139,12 @@ def breakdown(step: Callable[[], object], model: MaskRCNN, device: torch.device,
     "percent" (of step_ms), "part_of" (the enclosing stage's name, or None)}], "matrix_ms":
     the step's time in convolutions and matrix products (see matrix_time)}.
     """
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
     handles = _scope_heads(model)
     try:
-        with profile(activities=activities) as profiler:
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            synchronize(device)
-            step_ms = (time.perf_counter() - start) * 1e3 / steps
+        events, step_ms = _profiled(step, device, steps)
     finally:
         for handle in handles:
             handle.remove()
-    # Host-side ranges only: on CUDA each record_function also has a GPU annotation event of
-    # the same name, whose kernels the host range already counts.
-    events = [e for e in profiler.events() if e.device_type == DeviceType.CPU]
     use_device = device.type == "cuda"
 
     def named(name: str, within: str | None = None) -> list[FunctionEvent]:
