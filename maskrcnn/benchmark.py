@@ -7,7 +7,8 @@ synchronised around every step: images/s (median, min, max), step time, peak mem
 FLOPs and model FLOP utilisation (MFU) against a stated peak; then inference (eval mode, no
 gradients, masks pasted at full resolution) on the same batch. With --baseline=torchvision the
 same for torchvision's Mask R-CNN at equivalent settings, in this process, on the same images
-and targets, and the ratios. Then where our step's time goes (--breakdown) and op
+and targets, and the ratios; the two sides' timed steps take turns (ours, torchvision's, ours,
+...), so that a drift in the machine's speed hits both alike. Then where our step's time goes (--breakdown) and op
 micro-benchmarks against torchvision.ops at the step's sizes (--ops). --json_out writes the
 whole report as JSON.
 """
@@ -17,6 +18,8 @@ import json
 import math
 import shlex
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +32,7 @@ from maskrcnn.bench.measure import (
     count_flops,
     peak_tflops,
     throughput,
-    time_steps,
+    time_rounds,
 )
 from maskrcnn.bench.ops import bench_ops
 from maskrcnn.bench.step import BenchTrainer, inference_step
@@ -108,8 +111,33 @@ def _progress(side: str, section: str, record: dict) -> None:
           f"{record['step_ms']['median']:.1f} ms (median)", file=sys.stderr, flush=True)
 
 
-def measure_ours(config: Config, batch: Batch, device: torch.device, peak: float) -> dict:
-    """Our training and inference records, and the breakdown (if asked for)."""
+@dataclass
+class _Side:
+    """One side of the comparison, set up and warmed up: its training step and inference step
+    (callables), and what its setup measured (FLOPs, peak memory, counts)."""
+
+    name: str
+    model: torch.nn.Module
+    train: Callable[[], object]
+    infer: Callable[[], object]
+    flops: int
+    memory: PeakMemory
+    last: dict  # "loss" (the last training step's), "mask_rois" (RoIs in its mask head)
+    count_detections: Callable[[], float]
+
+
+def _set_up(name: str, model: torch.nn.Module, train: Callable[[], object],
+            infer: Callable[[], object], count_flops_of: Callable[[], int], memory: PeakMemory,
+            last: dict, count_detections: Callable[[], float]) -> _Side:
+    """Counts the FLOPs of one training step, then runs the warm-up steps (inside the side's
+    memory measurement, where its peak is reached)."""
+    flops = count_flops_of()
+    for _ in range(FLAGS.warmup):
+        train()
+    return _Side(name, model, train, infer, flops, memory, last, count_detections)
+
+
+def set_up_ours(config: Config, batch: Batch, device: torch.device) -> tuple[_Side, BenchTrainer]:
     last = {}
     with PeakMemory(device) as memory:
         trainer = BenchTrainer(config, device)
@@ -117,67 +145,84 @@ def measure_ours(config: Config, batch: Batch, device: torch.device, peak: float
         def train():
             last["loss"] = trainer.train_step(batch)
 
-        # RoIs in the mask head: the static F slots per image, fewer where the CPU trims
-        # slots without foreground (roi_heads.TRIM_MASK_SLOTS_DEVICE_TYPES).
-        hook = trainer.model.roi_heads.mask_head.register_forward_hook(
-            lambda module, args, out: last.update(mask_rois=args[0].shape[0]))
-        with trainer.eager():
-            flops = count_flops(train)
-        hook.remove()
-        seconds = time_steps(train, device, FLAGS.steps, FLAGS.warmup)
-    mask_rois = last["mask_rois"]
-    out = {"train": _training_record(seconds, len(batch), flops, memory, peak, last["loss"],
-                                     _trainable(trainer.model), mask_rois),
-           "memory_kind": memory.kind}
-    _progress("ours", "training", out["train"])
-    if FLAGS.breakdown:
-        with trainer.eager():
-            out["breakdown"] = breakdown(train, trainer.model, device,
-                                         min(PROFILE_STEPS, FLAGS.steps))
-    trainer.model.eval()
-    infer = inference_step(trainer, batch)
-    seconds = time_steps(infer, device, FLAGS.steps, FLAGS.warmup)
-    out["inference"] = throughput(seconds, len(batch))
-    out["inference"]["detections_per_image"] = infer()["valid"].sum().item() / len(batch)
-    _progress("ours", "inference", out["inference"])
-    return out
+        def count():
+            # RoIs in the mask head: the static F slots per image, fewer where the CPU trims
+            # slots without foreground (model/trim.py).
+            hook = trainer.model.roi_heads.mask_head.register_forward_hook(
+                lambda module, args, out: last.update(mask_rois=args[0].shape[0]))
+            try:
+                with trainer.eager():
+                    return count_flops(train)
+            finally:
+                hook.remove()
+
+        infer = inference_step(trainer, batch)
+        side = _set_up("ours", trainer.model, train, infer, count, memory, last,
+                       lambda: infer()["valid"].sum().item() / len(batch))
+    return side, trainer
 
 
-def measure_torchvision(config: Config, batch: Batch, device: torch.device,
-                        peak: float) -> dict:
-    """torchvision's training and inference records on the same batch."""
-    ours_autotuning = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = FLAGS.baseline_cudnn_benchmark and device.type == "cuda"
-    try:
-        return _measure_torchvision(config, batch, device, peak)
-    finally:
-        torch.backends.cudnn.benchmark = ours_autotuning
+def _cudnn_benchmark(step: Callable[[], object], enabled: bool) -> Callable[[], object]:
+    """step() with cuDNN autotuning set to `enabled` while it runs (ours autotunes; the
+    baseline's setting is --baseline_cudnn_benchmark)."""
+    def run():
+        saved = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = enabled
+        try:
+            return step()
+        finally:
+            torch.backends.cudnn.benchmark = saved
+
+    return run
 
 
-def _measure_torchvision(config: Config, batch: Batch, device: torch.device,
-                         peak: float) -> dict:
+def set_up_torchvision(config: Config, batch: Batch, device: torch.device) -> _Side:
     images, targets = torchvision_inputs(batch)
+    autotune = FLAGS.baseline_cudnn_benchmark and device.type == "cuda"
     last = {}
     with PeakMemory(device) as memory:
         baseline = TorchvisionBaseline(config, device, images, targets)
 
         def train():
             last["loss"] = baseline.train_step()
+            last["mask_rois"] = baseline.mask_rois
 
-        flops = count_flops(train)
-        seconds = time_steps(train, device, FLAGS.steps, FLAGS.warmup)
-    out = {"train": _training_record(seconds, len(batch), flops, memory, peak, last["loss"],
-                                     _trainable(baseline.model), baseline.mask_rois)}
-    _progress("torchvision", "training", out["train"])
-    if FLAGS.breakdown:
-        out["matrix"] = matrix_time(train, device, min(PROFILE_STEPS, FLAGS.steps))
-    baseline.model.eval()
-    seconds = time_steps(baseline.inference_step, device, FLAGS.steps, FLAGS.warmup)
-    out["inference"] = throughput(seconds, len(batch))
-    out["inference"]["detections_per_image"] = sum(
-        len(d["boxes"]) for d in baseline.inference_step()) / len(batch)
-    _progress("torchvision", "inference", out["inference"])
-    return out
+        train = _cudnn_benchmark(train, autotune)
+        infer = _cudnn_benchmark(baseline.inference_step, autotune)
+        side = _set_up("torchvision", baseline.model, train, infer,
+                       lambda: count_flops(train), memory, last,
+                       lambda: sum(len(d["boxes"]) for d in infer()) / len(batch))
+    return side
+
+
+def _train_records(sides: list[_Side], batch: Batch, device: torch.device,
+                   peak: float) -> dict:
+    """Training records of the sides, their steps timed in turn (round robin)."""
+    for side in sides:
+        side.model.train()
+    seconds = time_rounds([side.train for side in sides], device, FLAGS.steps)
+    records = {}
+    for side, times in zip(sides, seconds, strict=True):
+        records[side.name] = _training_record(times, len(batch), side.flops, side.memory, peak,
+                                              side.last["loss"], _trainable(side.model),
+                                              side.last["mask_rois"])
+        _progress(side.name, "training", records[side.name])
+    return records
+
+
+def _inference_records(sides: list[_Side], batch: Batch, device: torch.device) -> dict:
+    """Inference records of the sides (eval mode), timed in turn after their warm-up."""
+    for side in sides:
+        side.model.eval()
+        for _ in range(FLAGS.warmup):
+            side.infer()
+    seconds = time_rounds([side.infer for side in sides], device, FLAGS.steps)
+    records = {}
+    for side, times in zip(sides, seconds, strict=True):
+        records[side.name] = throughput(times, len(batch))
+        records[side.name]["detections_per_image"] = side.count_detections()
+        _progress(side.name, "inference", records[side.name])
+    return records
 
 
 def run_benchmark(config: Config, device: torch.device) -> dict:
@@ -203,23 +248,27 @@ def run_benchmark(config: Config, device: torch.device) -> dict:
             "steps": FLAGS.steps, "warmup": FLAGS.warmup},
         "peak": {"tflops": peak, "source": peak_source},
     }
-    ours = measure_ours(config, batch, device, peak)
-    _free(device)  # our model, before the next section measures memory
-    report["memory_kind"] = ours.pop("memory_kind")
-    report["train"] = {"ours": ours["train"]}
-    report["inference"] = {"ours": ours["inference"]}
-    if "breakdown" in ours:
-        report["breakdown"] = ours["breakdown"]
+    ours, trainer = set_up_ours(config, batch, device)
+    sides = [ours]
     if FLAGS.baseline == "torchvision":
-        theirs = measure_torchvision(config, batch, device, peak)
-        _free(device)
-        if "matrix" in theirs:
-            report["torchvision_matrix"] = theirs["matrix"]
+        sides.append(set_up_torchvision(config, batch, device))
+    report["memory_kind"] = ours.memory.kind
+    report["train"] = _train_records(sides, batch, device, peak)
+    if FLAGS.breakdown:
+        steps = min(PROFILE_STEPS, FLAGS.steps)
+        with trainer.eager():
+            report["breakdown"] = breakdown(ours.train, trainer.model, device, steps)
+        if len(sides) == 2:
+            report["torchvision_matrix"] = matrix_time(sides[1].train, device, steps)
+    report["inference"] = _inference_records(sides, batch, device)
+    if len(sides) == 2:
         for section in ("train", "inference"):
-            report[section]["torchvision"] = theirs[section]
             report[section]["ratio"] = (report[section]["ours"]["images_per_s"]["median"]
-                                        / theirs[section]["images_per_s"]["median"])
+                                        / report[section]["torchvision"]["images_per_s"]
+                                        ["median"])
         report["unmatched_settings"] = unmatched_settings(config, device)
+    del sides, ours, trainer
+    _free(device)
     if FLAGS.ops:
         report["ops"] = bench_ops(config, device, FLAGS.steps, max(FLAGS.warmup, 1))
     return report

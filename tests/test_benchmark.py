@@ -10,6 +10,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
+from maskrcnn.bench.measure import time_rounds
 from maskrcnn.bench.synthetic import synthetic_batch, torchvision_inputs
 from maskrcnn.config import load_config
 from maskrcnn.data.gt_masks import mask_targets
@@ -170,3 +171,14 @@ def test_synthetic_masks_are_the_same_in_both_formats():
     theirs = torch.cat(theirs)[:, 0]
     iou = (ours & theirs).sum((1, 2)) / (ours | theirs).sum((1, 2))
     assert iou.min() > 0.9, iou
+
+
+def test_sides_take_turns_step_by_step():
+    """If this fails, the two sides' steps are not timed in turn (one side's steps all run
+    first, so a drift in the machine's speed favours one side), or a time is lost."""
+    calls = []
+    seconds = time_rounds([lambda: calls.append("ours"), lambda: calls.append("tv")],
+                          torch.device("cpu"), 3)
+    assert calls == ["ours", "tv"] * 3
+    assert [len(times) for times in seconds] == [3, 3]
+    assert all(t >= 0 for times in seconds for t in times)

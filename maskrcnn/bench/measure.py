@@ -38,19 +38,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[], object], device: torch.device, steps: int,
-               warmup: int) -> list[float]:
-    """Seconds of each of `steps` calls of step() after `warmup` untimed ones, each timed from
-    a synchronised device to a synchronised device (a CPU runs synchronously)."""
-    for _ in range(warmup):
-        step()
+def time_rounds(steps: list[Callable[[], object]], device: torch.device,
+                rounds: int) -> list[list[float]]:
+    """Seconds of each call of each step() over `rounds` rounds, a round calling every step
+    once in turn, each call timed from a synchronised device to a synchronised device (a CPU
+    runs synchronously). Taking turns exposes the steps alike to changes in the machine's
+    speed (a shared VM's can drift by a fifth within a minute). Warm up before."""
+    seconds = [[] for _ in steps]
     synchronize(device)
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
+    for _ in range(rounds):
+        for step, times in zip(steps, seconds, strict=True):
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
     return seconds
 
 
@@ -83,16 +84,17 @@ def _release_free_heap() -> None:
 class PeakMemory:
     """Peak memory while the `with` block runs: `.mib` (after exit) and `.kind` (its meaning).
 
-    CUDA: torch.cuda.max_memory_allocated (tensors) since the block began, including tensors
-    that already existed then. CPU: the peak of the process's resident memory (sampled every
-    RSS_SAMPLE_PERIOD by a thread) above its level when the block began.
+    CUDA: torch.cuda.max_memory_allocated (tensors) while the block ran, less what was
+    allocated when it began (another model set up before does not count). CPU: the peak of
+    the process's resident memory (sampled every RSS_SAMPLE_PERIOD by a thread) above its
+    level when the block began.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.mib = 0.0
         if device.type == "cuda":
-            self.kind = "CUDA max_memory_allocated (tensors, all of them)"
+            self.kind = "CUDA max_memory_allocated (tensors) above the section start"
         else:
             self.kind = (f"CPU resident memory above the section start (RSS sampled every "
                          f"{RSS_SAMPLE_PERIOD * 1e3:g} ms)")
@@ -108,6 +110,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
         else:
             _release_free_heap()
             self._start = self._peak = _rss_bytes()
@@ -117,7 +120,7 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
         else:
             self._stop.set()
             self._thread.join()
@@ -144,7 +147,8 @@ def _matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """Achieved TFLOP/s of an n x n matrix product in dtype: the best of MATMUL_RUNS."""
     a = torch.randn(MATMUL_SIDE, MATMUL_SIDE, device=device).to(dtype)
     b = torch.randn(MATMUL_SIDE, MATMUL_SIDE, device=device).to(dtype)
-    seconds = time_steps(lambda: a @ b, device, MATMUL_RUNS, warmup=1)
+    a @ b  # warm-up
+    seconds = time_rounds([lambda: a @ b], device, MATMUL_RUNS)[0]
     return 2 * MATMUL_SIDE**3 / min(seconds) / 1e12
 
 
