@@ -8,9 +8,9 @@ FLOPs and model FLOP utilisation (MFU) against a stated peak; then inference (ev
 gradients, masks pasted at full resolution) on the same batch. With --baseline=torchvision the
 same for torchvision's Mask R-CNN at equivalent settings, in this process, on the same images
 and targets, and the ratios; the two sides' timed steps take turns (ours, torchvision's, ours,
-...), so that a drift in the machine's speed hits both alike. Then where our step's time goes (--breakdown) and op
-micro-benchmarks against torchvision.ops at the step's sizes (--ops). --json_out writes the
-whole report as JSON.
+...), so that a drift in the machine's speed hits both alike. Then where our step's time goes
+(--breakdown) and op micro-benchmarks against torchvision.ops at the step's sizes (--ops).
+--json_out writes the whole report as JSON.
 """
 
 import gc
