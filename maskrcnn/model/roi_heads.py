@@ -189,6 +189,9 @@ class RoIHeads(nn.Module):
         BCE of the true class's mask, averaged over the foreground mask slots). Counts are
         the batch's (the global batch's under data parallelism: see `normalizers`)."""
         s = self.sample_rois(proposals, proposals_valid, gt_boxes, gt_classes, gt_valid)
+        if trims(s["valid"]):  # on a CPU, only the RoI slots sampled in some image
+            r = used_slots(s["valid"])
+            s = {key: value[:, :r] for key, value in s.items()}
         n, r = s["classes"].shape
         logits, deltas = self.box_head(self._pool(features, s["rois"], self.pooler_resolution))
         logits, deltas = logits.float().reshape(n, r, -1), deltas.float().reshape(n, r, -1, 4)

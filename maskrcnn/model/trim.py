@@ -1,10 +1,11 @@
 """Skipping padded slots where the host can read a count for free.
 
-The model pads per-image sets to static sizes (ground-truth slots G, mask-head slots F) so that
+The model pads per-image sets to static sizes (ground-truth slots G, RoIs R, mask slots F) so that
 a GPU step has one shape and no host synchronisation. On a CPU there is no queue of device work
 that a host read would drain, so the forward cuts those sets to the slots that are used in some
-image of the batch: ground-truth slots in anchor matching and mask-head slots in training,
-detection slots in the mask head at inference. Padded slots are invalid (ground truth,
+image of the batch: ground-truth slots in anchor matching, RoI slots (fewer candidates than
+RoIs per image, as with a random-weight RPN) and mask-head slots in training, detection slots
+in the mask head at inference. Padded slots are invalid (ground truth,
 detections) or background (mask slots), so they add 0 to every loss and gradient and get zero
 masks: the maths is the same either way (tests run both). GPUs, and a compiled step on any
 device, keep the static sizes.

@@ -202,14 +202,21 @@ def test_class_agnostic_heads_ignore_the_class():
 
 def test_trimmed_slots_give_the_same_losses_and_gradients(monkeypatch):
     """If this fails, trimming padded slots on the CPU (ground-truth slots unused in every
-    image, in anchor matching; mask-head slots without foreground in every image) changes the
-    training maths: losses and gradients must equal those of the static sizes that GPUs and
-    compiled steps run."""
+    image, in anchor matching; RoI slots not sampled in any image; mask-head slots without
+    foreground in every image) changes the training maths: losses and gradients must equal
+    those of the static sizes that GPUs and compiled steps run."""
     batch = _batch(3)  # 1, 2 and 3 annotations in 4 ground-truth slots
-    gt_slots, mask_rois, results = [], [], []
+    gt_slots, box_rois, mask_rois, results = [], [], [], []
     for trim in ({"cpu"}, set()):
         monkeypatch.setattr(trim_module, "TRIM_DEVICE_TYPES", trim)
-        model = _model().train()
+        config = _config()
+        # At most 5 levels x 8 candidates, fewer after NMS, in 40 proposal slots: with the 4
+        # ground-truth slots, 44 RoI slots per image (of 64), the last ones padding.
+        config.model.rpn.pre_nms_topk_train = 8
+        config.model.rpn.post_nms_topk_train = 40
+        torch.manual_seed(0)
+        model = build_model(config).train()
+        model.rpn.keys = model.roi_heads.keys = _fixed_keys
         rpn_losses = model.rpn.losses
 
         def spy(objectness, deltas, anchors, gt_boxes, gt_valid, rpn_losses=rpn_losses):
@@ -217,6 +224,8 @@ def test_trimmed_slots_give_the_same_losses_and_gradients(monkeypatch):
             return rpn_losses(objectness, deltas, anchors, gt_boxes, gt_valid)
 
         model.rpn.losses = spy
+        model.roi_heads.box_head.register_forward_hook(
+            lambda module, args, out: box_rois.append(args[0].shape[0]))
         model.roi_heads.mask_head.register_forward_hook(
             lambda module, args, out: mask_rois.append(args[0].shape[0]))
         losses = model(*batch)
@@ -225,6 +234,7 @@ def test_trimmed_slots_give_the_same_losses_and_gradients(monkeypatch):
                                  if p.grad is not None}))
     # Both trims happened (else this test compares a path with itself).
     assert gt_slots == [3, 4]
+    assert box_rois[1] == 3 * 44 and 0 < box_rois[0] < box_rois[1]  # 99 of 132 here
     assert mask_rois[1] == 3 * model.roi_heads.max_fg_masks and 0 < mask_rois[0] < mask_rois[1]
     (trimmed, trimmed_grads), (static, static_grads) = results
     for key in LOSS_KEYS:
