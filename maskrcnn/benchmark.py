@@ -26,7 +26,7 @@ import torch
 import torchvision
 from absl import flags
 
-from maskrcnn.bench.breakdown import breakdown, matrix_time
+from maskrcnn.bench.breakdown import breakdown, matrix_times
 from maskrcnn.bench.measure import (
     PeakMemory,
     count_flops,
@@ -258,8 +258,10 @@ def run_benchmark(config: Config, device: torch.device) -> dict:
         steps = min(PROFILE_STEPS, FLAGS.steps)
         with trainer.eager():
             report["breakdown"] = breakdown(ours.train, trainer.model, device, steps)
-        if len(sides) == 2:
-            report["torchvision_matrix"] = matrix_time(sides[1].train, device, steps)
+            if len(sides) == 2:
+                report["matrix"] = dict(zip(
+                    ("ours", "torchvision"),
+                    matrix_times([side.train for side in sides], device, steps), strict=True))
     report["inference"] = _inference_records(sides, batch, device)
     if len(sides) == 2:
         for section in ("train", "inference"):
@@ -342,13 +344,16 @@ def format_report(report: dict) -> str:
             lines.append(f"  {name:<46}{stage['ms']:>10.2f}{stage['percent']:>8.1f}")
         lines.append(f"  convolutions and matrix products: {b['matrix_ms']:.1f} ms "
                      f"({b['matrix_ms'] / b['step_ms']:.1%} of the step)")
-    if "breakdown" in report and "torchvision_matrix" in report:
-        ours, theirs = report["breakdown"], report["torchvision_matrix"]
-        lines.append(f"  torchvision's, profiled the same way: {theirs['matrix_ms']:.1f} ms of "
-                     f"{theirs['step_ms']:.1f} ({theirs['matrix_ms'] / theirs['step_ms']:.1%}).")
-        lines.append(f"  Both sides run these in the same library kernels: were all else free, "
-                     f"ours would reach {theirs['step_ms'] / ours['matrix_ms']:.2f}x "
-                     f"torchvision's images/s at most (its profiled step / our matrix time).")
+    if "matrix" in report:
+        ours, theirs = report["matrix"]["ours"], report["matrix"]["torchvision"]
+        lines.append("  convolutions and matrix products (the same library kernels on both "
+                     "sides), profiled in turn:")
+        for side, record in report["matrix"].items():
+            lines.append(f"    {side}: {record['matrix_ms']:.1f} ms of {record['step_ms']:.1f} "
+                         f"({record['matrix_ms'] / record['step_ms']:.1%})")
+        lines.append(f"    were all else free, ours would reach "
+                     f"{theirs['step_ms'] / ours['matrix_ms']:.2f}x torchvision's images/s at "
+                     f"most (its profiled step / our matrix time)")
     if "ops" in report:
         lines += ["", "ops at training-step sizes (median ms; speed-up = torchvision / ours):",
                   f"  {'op':<18}{'ours':>10}{'tv':>10}{'speed-up':>10}  case; check"]

@@ -89,15 +89,21 @@ def _profiled(step: Callable[[], object], device: torch.device,
     return [e for e in profiler.events() if e.device_type == DeviceType.CPU], step_ms
 
 
-def matrix_time(step: Callable[[], object], device: torch.device, steps: int) -> dict:
-    """Profiles `steps` calls of step() (a warmed-up training step of any model).
+def matrix_times(steps: list[Callable[[], object]], device: torch.device,
+                 rounds: int) -> list[dict]:
+    """Profiles each step() (a warmed-up training step of any model) once per round, in turn,
+    over `rounds` rounds (as time_rounds: a drift in the machine's speed hits all alike).
 
-    Returns {"step_ms": mean measured step time under the profiler, "matrix_ms": its part in
-    convolutions and matrix products, per step; host time on a CPU, device time on CUDA}.
+    Returns per step {"step_ms": its mean measured time under the profiler, "matrix_ms": the
+    part in convolutions and matrix products; host time on a CPU, device time on CUDA}.
     """
-    events, step_ms = _profiled(step, device, steps)
-    return {"step_ms": step_ms,
-            "matrix_ms": _matrix_ms(events, device.type == "cuda") / steps}
+    totals = [{"step_ms": 0.0, "matrix_ms": 0.0} for _ in steps]
+    for _ in range(rounds):
+        for step, total in zip(steps, totals, strict=True):
+            events, step_ms = _profiled(step, device, 1)
+            total["step_ms"] += step_ms / rounds
+            total["matrix_ms"] += _matrix_ms(events, device.type == "cuda") / rounds
+    return totals
 
 
 def _times_ms(events: list[FunctionEvent]) -> tuple[float, float]:
@@ -137,7 +143,7 @@ def breakdown(step: Callable[[], object], model: MaskRCNN, device: torch.device,
     Returns {"step_ms": mean measured step time under the profiler, "time": "host" or
     "device", "stages": [{"name", "host_ms", "device_ms", "ms" (the one of "time"),
     "percent" (of step_ms), "part_of" (the enclosing stage's name, or None)}], "matrix_ms":
-    the step's time in convolutions and matrix products (see matrix_time)}.
+    the step's time in convolutions and matrix products (see matrix_times)}.
     """
     handles = _scope_heads(model)
     try:
