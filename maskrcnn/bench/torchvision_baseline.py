@@ -182,7 +182,9 @@ def unmatched_settings(config: Config, device: torch.device) -> list[str]:
                     f"always computes and pastes {roi.detections_per_image} per image."))
     if m.backbone.norm == config_pb2.FROZEN_BN:
         notes.append("Frozen batch norm: torchvision's recomputes its scale from four buffers "
-                     "at every call; ours is folded once (implementation, not setting).")
+                     "at every call and applies it to the conv's output; ours is folded once "
+                     "to a scale and bias, and those into the weights and bias of the conv "
+                     "before it (implementation, not setting).")
     if m.backbone.weights_path:
         notes.append("Ours loads the ImageNet backbone weights; torchvision's stays random "
                      "(weights do not change the cost).")

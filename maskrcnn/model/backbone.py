@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from maskrcnn.model.fpn import FPN
-from maskrcnn.model.frozen_bn import FrozenBatchNorm2d
+from maskrcnn.model.frozen_bn import FoldedConv2d, FrozenBatchNorm2d
 
 _RESNETS = {
     18: torchvision.models.resnet18,
@@ -27,6 +27,12 @@ _RESNETS = {
 _STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 # Optional in an ImageNet checkpoint: BatchNorm2d's step counter, which the fold does not use.
 _OPTIONAL_BN_KEY = "num_batches_tracked"
+
+
+# Whether a frozen-batch-norm body runs each conv and its norm as one FoldedConv2d (the same
+# maths with other float rounding; the parity test with torchvision, whose scores are
+# sensitive at that level, turns it off and tests/model/test_backbone.py compares the two).
+FOLD_FROZEN_BN = True
 
 
 # Groups of the GroupNorm option (Wu and He, 2018); every ResNet width is a multiple of it.
@@ -83,6 +89,21 @@ class ResNetBody(nn.Module):
             for name in stage:
                 for p in getattr(self, name).parameters():
                     p.requires_grad_(False)
+        if norm == "frozen_bn" and FOLD_FROZEN_BN:
+            for parent, conv, bn in self._conv_norm_pairs():
+                setattr(parent, conv, FoldedConv2d(getattr(parent, conv), getattr(parent, bn)))
+
+    def _conv_norm_pairs(self) -> list[tuple[nn.Module, str, str]]:
+        """(parent, conv name, norm name) of every conv followed by a norm: the stem, each
+        block's convs (2 in a BasicBlock, 3 in a Bottleneck) and its downsample."""
+        pairs = [(self, "conv1", "bn1")]
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3)
+                          if hasattr(block, f"conv{i}")]
+                if block.downsample is not None:
+                    pairs.append((block.downsample, "0", "1"))
+        return pairs
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """float[N, 3, H, W] -> [C2, C3, C4, C5], Ck float[N, out_channels[k-2], H/2**k, W/2**k]
