@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from maskrcnn.data.gt_masks import mask_targets
 from maskrcnn.model.backbone import GN_GROUPS
 from maskrcnn.model.sampling import local_counts, match, sample, uniform_keys
-from maskrcnn.model.trim import trims, used_slots
+from maskrcnn.model.trim import foreground_slots, trims, used_slots
 from maskrcnn.ops.boxes import clip_boxes, decode_boxes, encode_boxes
 from maskrcnn.ops.nms import batched_nms_fixed
 from maskrcnn.ops.roi_align import multilevel_roi_align
@@ -208,23 +208,27 @@ class RoIHeads(nn.Module):
                             .expand(-1, -1, 1, 4))[:, :, 0]
         box = F.smooth_l1_loss(own, targets, beta=BOX_SMOOTH_L1_BETA, reduction="none").sum(-1)
 
-        # Foreground RoIs come first, so the first F slots hold every mask-head sample.
+        # Foreground RoIs come first, so the first F slots of each image hold every mask-head
+        # sample: N*F slots, flattened. On a CPU, only the foreground ones (see trim.py).
         f = min(self.max_fg_masks, r)
-        if trims(s["is_fg"]):  # on a CPU, only the slots with foreground in some image
-            f = used_slots(s["is_fg"][:, :f])
-        fg_rois, fg = s["rois"][:, :f], s["is_fg"][:, :f]
-        mask_logits = self.mask_head(self._pool(features, fg_rois, self.mask_pooler_resolution))
-        size = mask_logits.shape[-1]
+        fg = s["is_fg"][:, :f].reshape(-1)  # (N*F,)
+        rois = _flat_rois(s["rois"][:, :f].float())  # (N*F, 5)
         classes = s["classes"][:, :f].reshape(-1)
-        # (N*F, K+1, M, M) -> (N*F, M, M): the mask of each RoI's own class.
+        matched = s["matched"][:, :f].reshape(-1)
+        if trims(fg):
+            rois, classes, matched, fg = (t[foreground_slots(fg)]
+                                          for t in (rois, classes, matched, fg))
+        mask_logits = self.mask_head(multilevel_roi_align(
+            features[:len(self.strides)], rois, self.mask_pooler_resolution, self.strides, 2,
+            self.aligned))
+        size = mask_logits.shape[-1]
+        # (X, K+1, M, M) -> (X, M, M): the mask of each RoI's own class.
         own_mask = mask_logits.float().gather(
             1, _own_class(classes, mask_logits.shape[1])[:, None, None, None]
             .expand(-1, 1, size, size))[:, 0]
-        batch_index = torch.arange(n, device=fg.device).repeat_interleave(f)
-        target = mask_targets(gt_masks, gt_boxes, fg_rois.reshape(-1, 4), batch_index,
-                              s["matched"][:, :f].reshape(-1), size)
+        target = mask_targets(gt_masks, gt_boxes, rois[:, 1:], rois[:, 0].long(), matched, size)
         bce = F.binary_cross_entropy_with_logits(own_mask, target, reduction="none").mean((1, 2))
-        fg_weight = fg.reshape(-1).float()
+        fg_weight = fg.float()
         count, mask_count = self.normalizers(torch.stack([valid.sum(), fg_weight.sum()]))
         return {
             "loss_cls": (cls * valid.flatten()).sum() / count,

@@ -8,7 +8,7 @@ import torch
 from maskrcnn.config import load_config
 from maskrcnn.model import trim as trim_module
 from maskrcnn.model.maskrcnn import build_model
-from maskrcnn.model.trim import used_slots
+from maskrcnn.model.trim import foreground_slots, used_slots
 
 LOSS_KEYS = {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask"}
 CANVAS = (128, 160)
@@ -246,12 +246,14 @@ def test_trimmed_slots_give_the_same_losses_and_gradients(monkeypatch):
 
 
 def test_used_slots_counts_to_the_last_used_slot():
-    """If this fails, trimming cuts a used slot (a valid slot after an invalid one) or
-    returns an empty set."""
+    """If this fails, trimming cuts a used slot (a valid slot after an invalid one), gathers
+    the wrong foreground slots, or returns an empty set."""
     used = torch.tensor([[True, False, False, False], [False, False, True, False]])
     assert used_slots(used) == 3
     assert used_slots(torch.zeros(2, 5, dtype=torch.bool)) == 1
     assert used_slots(torch.zeros(2, 0, dtype=torch.bool)) == 1
+    assert foreground_slots(torch.tensor([False, True, False, True])).tolist() == [1, 3]
+    assert foreground_slots(torch.zeros(3, dtype=torch.bool)).tolist() == [0]
 
 
 def test_trimmed_detection_slots_give_the_same_detections(monkeypatch):
