@@ -161,9 +161,8 @@ def unmatched_settings(config: Config, device: torch.device) -> list[str]:
                  f"(data-dependent, at most {most_fg} per image; with random weights few "
                  f"proposals overlap the ground truth, far fewer than in real training: see "
                  f"the mask-head RoIs per image); "
-                 + (f"on this device ours runs on the first slots of {slots} per image that "
-                    f"hold foreground in some image (model/trim.py), padded ones included, "
-                    f"and counts their FLOPs." if trimmed else
+                 + (f"on this device ours also runs on the foreground RoIs only (of its "
+                    f"{slots} slots per image; model/trim.py)." if trimmed else
                     f"ours always runs on {slots} slots per image, padded ones included, and "
                     f"counts their FLOPs."))
     notes.append("Inputs: torchvision takes the same images as a list of float32 images "
