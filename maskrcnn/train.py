@@ -51,6 +51,8 @@ def describe(name: str, coco: CocoDataset) -> str:
             f"  crowd annotations (not training targets): {s.crowd}\n"
             f"  boxes clipped to the image: {s.clipped_boxes}, dropped as degenerate: "
             f"{s.dropped_boxes}\n"
+            f"  polygons of fewer than 3 points dropped: {s.dropped_polygons}, annotations "
+            f"left without a polygon (dropped): {s.dropped_segmentations}\n"
             f"  images without targets: {s.images_without_targets}\n"
             f"  instances per class: {classes}")
 

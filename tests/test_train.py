@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from tests.tiny import TINY, run_module
+from tests.tiny import REPO, TINY, run_module
 
 SHORT = "solver { epochs: 1 images_per_epoch: 4 warmup_steps: 1 lr_decay_epochs: [1] }"
 # With data workers, so that errors raised inside a worker are exercised.
@@ -65,3 +65,31 @@ def test_corrupt_image_in_a_worker_is_named(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert "cannot read image" in lines[0] and "instances_train2017.json" in lines[0]
+
+
+REAL = REPO / "tests" / "assets" / "coco2017-tiny"
+
+
+def _garble_rle(data: dict) -> None:
+    """Gives the fourth annotation a compressed RLE of its image's size with garbage counts."""
+    ann = data["annotations"][3]
+    image = next(i for i in data["images"] if i["id"] == ann["image_id"])
+    ann["segmentation"] = {"counts": "not RLE: ~~~", "size": [image["height"], image["width"]]}
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_garble_rle, "RLE counts string is malformed"),
+    (lambda d: [a.update(iscrowd=1) for a in d["annotations"]], "nothing to train on"),
+])
+def test_malformed_real_annotation_file_is_one_line(tmp_path, mutate, message):
+    """If this fails, the two malformed files a user met (a garbled RLE counts string, a file
+    with no usable annotation) end in pycocotools' or the sampler's traceback again."""
+    data = json.loads((REAL / "annotations" / "instances_val2017.json").read_text())
+    mutate(data)
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    result = run_train(tmp_path, f"--output_dir={tmp_path / 'run'}", f"--train_json={path}",
+                       f"--train_images={REAL / 'val2017'}", overrides=SMALL)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"error: annotation file {path}") and message in lines[0]
