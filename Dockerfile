@@ -22,6 +22,7 @@ RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels \
       --no-binary=pycocotools \
       pycocotools==2.0.11 \
       absl-py==2.5.1 \
+      faster-coco-eval==1.8.0 \
       numpy==2.4.6 \
       pillow==13.0.0 \
       protobuf==5.29.6 \

@@ -3,26 +3,69 @@
 The checkpoint's config is the base (so the model is built as it was trained); data flags,
 --config and --set change it. Results go to <output_dir>/coco_results.json.
 
+`python -m maskrcnn.eval --results=FILE --val_json=GT [--iou_type=bbox,segm]` scores an
+existing COCO results file (anyone's) with the same scoring code that training uses; the IoU
+types default to those the file holds (boxes, masks).
+
 Under torchrun (`torchrun --nproc_per_node=N -m maskrcnn.eval --checkpoint=PATH`) each process
 evaluates its shard of the val set (run.images_per_gpu images per batch); rank 0 gathers,
 scores and prints. Every process reads the checkpoint and the val set.
 """
 
+import time
 from pathlib import Path
 
 from absl import flags
 
 from maskrcnn.cli import run_command
-from maskrcnn.config.flags import FLAGS, config_from_flags
+from maskrcnn.config import ConfigError
+from maskrcnn.config.flags import FLAGS, config_from_flags, data_flag_paths
 from maskrcnn.data.coco import DatasetError
 from maskrcnn.data.loader import build_dataset, build_eval_loader, read_coco, resolve_data_paths
 from maskrcnn.engine import checkpoint as ckpt
 from maskrcnn.engine import distributed
-from maskrcnn.engine.evaluate import evaluate
+from maskrcnn.engine.evaluate import (
+    IOU_TYPES,
+    coco_api,
+    evaluate,
+    load_ground_truth,
+    read_results,
+    score,
+)
 from maskrcnn.engine.trainer import autocast_dtype, load_model_state, resolve_device
 from maskrcnn.model.maskrcnn import build_model
 
 flags.DEFINE_bool("per_category", False, "Also print the AP of each category.")
+flags.DEFINE_string("results", None, "Score this COCO results file (a json list of "
+                    "detections) against --val_json instead of evaluating a checkpoint.")
+flags.DEFINE_list("iou_type", [], "With --results: bbox, segm or bbox,segm (default: the "
+                  "types the file holds: boxes, masks).")
+
+
+def score_results_file() -> None:
+    """`--results`: scores a COCO results file against the val json, on this process."""
+    config = config_from_flags(data=False)  # for run.coco_eval
+    gt_json = data_flag_paths().get("val_json")
+    if not gt_json:
+        raise DatasetError("--results needs the ground truth: pass --val_json (or --data_dir)")
+    api = coco_api(config.run.coco_eval)
+    gt = load_ground_truth(Path(gt_json), api)
+    results, iou_types = read_results(Path(FLAGS.results), gt)
+    if FLAGS.iou_type:
+        unknown = [t for t in FLAGS.iou_type if t not in IOU_TYPES]
+        if unknown:
+            raise ConfigError(f"--iou_type={','.join(FLAGS.iou_type)}: {unknown[0]} is not "
+                              f"one of {', '.join(IOU_TYPES)}")
+        if "segm" in FLAGS.iou_type and "segm" not in iou_types:
+            raise ConfigError(f"--iou_type=segm: the results in {FLAGS.results} have no "
+                              "'segmentation'")
+        iou_types = tuple(FLAGS.iou_type)  # bbox works from masks too (their bounding boxes)
+    start = time.perf_counter()
+    print(f"scoring {len(results)} detections of {FLAGS.results} against "
+          f"{gt_json} ({len(gt.imgs)} images) with {api.name}")
+    metrics = score(gt, results, iou_types, api=api, per_category=FLAGS.per_category)
+    print(f"scored in {time.perf_counter() - start:.2f} s: " + ", ".join(
+        f"{t} AP {metrics[f'{t}/AP']!r}" for t in iou_types))
 
 
 def evaluate_checkpoint(process: distributed.Process) -> None:
@@ -44,13 +87,20 @@ def evaluate_checkpoint(process: distributed.Process) -> None:
         + (f" with {process.world_size} processes" if process.world_size > 1 else ""))
     metrics = evaluate(model, loader, paths.val_json, coco.category_ids,
                        Path(config.run.output_dir), process.device,
-                       autocast_dtype(config), per_category=FLAGS.per_category, log=say)
+                       autocast_dtype(config), per_category=FLAGS.per_category,
+                       coco_eval=config.run.coco_eval, log=say)
     say(f"box AP {metrics['bbox/AP']:.3f}, mask AP {metrics['segm/AP']:.3f}")
 
 
 def main() -> None:
+    if FLAGS.results:
+        if FLAGS.checkpoint:
+            raise ConfigError("pass --checkpoint (evaluate a model) or --results (score a "
+                              "results file), not both")
+        score_results_file()
+        return
     if not FLAGS.checkpoint:
-        raise DatasetError("--checkpoint is required")
+        raise DatasetError("--checkpoint (or --results) is required")
     process = distributed.init(resolve_device(FLAGS.device), FLAGS.dist_timeout_s)
     try:
         evaluate_checkpoint(process)

@@ -51,23 +51,32 @@ def _data_dir_paths(data_dir: str) -> dict[str, str]:
     }
 
 
-def config_from_flags(base_text: str | None = None,
-                      base_source: str = "") -> config_pb2.Config:
+def data_flag_paths() -> dict[str, str]:
+    """The data paths --data_dir and the explicit data flags name (the latter win)."""
+    paths = _data_dir_paths(FLAGS.data_dir) if FLAGS.data_dir else {}
+    paths.update({name: getattr(FLAGS, name) for name in DATA_FLAGS if getattr(FLAGS, name)})
+    return paths
+
+
+def config_from_flags(base_text: str | None = None, base_source: str = "", *,
+                      data: bool = True) -> config_pb2.Config:
     """The resolved config for this process's flags (call after absl has parsed them).
 
     base_text: a resolved config (e.g. a checkpoint's) used as the first layer instead of
     --config's file, unless --config was given explicitly.
+    data: False leaves --data_dir and the data flags out, for a command that reads them
+    itself (data_flag_paths).
     """
     if base_text is not None and not FLAGS["config"].present:
         layers = [Layer(base_source, parse_text(base_text, base_source))]
     else:
         layers = read_layers(FLAGS.config)
-    if FLAGS.data_dir:
+    if data and FLAGS.data_dir:
         layer = config_pb2.Config()
         for name, value in _data_dir_paths(FLAGS.data_dir).items():
             setattr(layer.data, name, value)
         layers.append(Layer(f"--data_dir={FLAGS.data_dir}", layer))
-    for name in DATA_FLAGS:
+    for name in DATA_FLAGS if data else ():
         if getattr(FLAGS, name):
             layer = config_pb2.Config()
             setattr(layer.data, name, getattr(FLAGS, name))

@@ -220,6 +220,42 @@ def _annotation_problem(ann, images: dict, category_ids: set) -> str | None:
     return _segmentation_problem(ann["segmentation"], image["height"], image["width"])
 
 
+def read_annotations(json_path: Path) -> dict:
+    """A COCO instances json, every entry checked; a malformed one stops with one line
+    naming the file, the entry and what is wrong."""
+    data = _load_json(json_path)
+    where = f"annotation file {json_path}"
+    images = {}
+    for image in data["images"]:
+        reason = _image_problem(image)
+        if reason is None and image["id"] in images:
+            reason = "appears twice in 'images'"
+        if reason:
+            name = (f"image {_show(image['id'])}" if isinstance(image, dict) and "id" in image
+                    else f"an image entry {_show(image)}")
+            raise DatasetError(f"{where}: {name}: {reason}")
+        images[image["id"]] = image
+    category_ids = set()
+    for category in data["categories"]:
+        if not (isinstance(category, dict) and _is_int(category.get("id"))):
+            raise DatasetError(f"{where}: every category needs an integer 'id', not "
+                               f"{_show(category)}")
+        if category["id"] in category_ids:
+            raise DatasetError(f"{where}: category {category['id']} appears twice")
+        category_ids.add(category["id"])
+    if not category_ids:
+        raise DatasetError(f"{where}: 'categories' is empty")
+    annotation_ids = set()
+    for ann in data["annotations"]:
+        reason = _annotation_problem(ann, images, category_ids)
+        if reason is None and ann["id"] in annotation_ids:
+            reason = "its id appears twice in 'annotations'"
+        if reason:
+            raise DatasetError(f"{where}: {_annotation_name(ann)}: {reason}")
+        annotation_ids.add(ann["id"])
+    return data
+
+
 class CocoDataset:
     """A COCO instances json and its image folder.
 
@@ -236,8 +272,10 @@ class CocoDataset:
         if not self.image_dir.is_dir():
             raise DatasetError(f"image folder {self.image_dir} (for {self.json_path}) "
                                "does not exist")
-        data = _load_json(self.json_path)
-        self.coco = self._index(data)
+        self.coco = COCO()
+        self.coco.dataset = read_annotations(self.json_path)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco.createIndex()
         self.category_ids = sorted(self.coco.cats)  # class k (1..K) is category_ids[k - 1]
         self.class_names = [self.coco.cats[c].get("name", str(c)) for c in self.category_ids]
         self.stats = CocoStats(images=len(self.coco.imgs), annotations=len(self.coco.anns))
@@ -260,42 +298,6 @@ class CocoDataset:
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
-
-    def _index(self, data: dict) -> COCO:
-        where = f"annotation file {self.json_path}"
-        images = {}
-        for image in data["images"]:
-            reason = _image_problem(image)
-            if reason is None and image["id"] in images:
-                reason = "appears twice in 'images'"
-            if reason:
-                name = f"image {image['id']}" if isinstance(image, dict) and "id" in image \
-                    else f"an image entry {_show(image)}"
-                raise DatasetError(f"{where}: {name}: {reason}")
-            images[image["id"]] = image
-        category_ids = set()
-        for category in data["categories"]:
-            if not (isinstance(category, dict) and _is_int(category.get("id"))):
-                raise DatasetError(f"{where}: every category needs an integer 'id', not "
-                                   f"{_show(category)}")
-            if category["id"] in category_ids:
-                raise DatasetError(f"{where}: category {category['id']} appears twice")
-            category_ids.add(category["id"])
-        if not category_ids:
-            raise DatasetError(f"{where}: 'categories' is empty")
-        annotation_ids = set()
-        for ann in data["annotations"]:
-            reason = _annotation_problem(ann, images, category_ids)
-            if reason is None and ann["id"] in annotation_ids:
-                reason = "its id appears twice in 'annotations'"
-            if reason:
-                raise DatasetError(f"{where}: {_annotation_name(ann)}: {reason}")
-            annotation_ids.add(ann["id"])
-        coco = COCO()
-        coco.dataset = data
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            coco.createIndex()
-        return coco
 
     def _record(self, image_id: int) -> ImageRecord:
         image = self.coco.imgs[image_id]

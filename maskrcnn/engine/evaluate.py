@@ -7,8 +7,11 @@ as stored on disk.
 import contextlib
 import io
 import json
+import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskrcnn.config import ConfigError
+from maskrcnn.config.config_pb2 import FASTER_COCO_EVAL, PYCOCOTOOLS
 from maskrcnn.data.batch import Batch
+from maskrcnn.data.coco import DatasetError, read_annotations, rle_string_counts
 from maskrcnn.engine import distributed
 from maskrcnn.ops.paste_masks import paste_masks
 
@@ -73,22 +79,141 @@ def _quiet(fn, *args):
         return fn(*args)
 
 
-def score_results(gt: COCO, results: list[dict], iou_type: str,
-                  image_ids: Iterable[int] | None = None) -> tuple[np.ndarray, COCOeval | None]:
-    """pycocotools' 12 summary numbers for one IoU type (all -1 when there is nothing to
-    score), and the COCOeval for per-category numbers."""
-    if not results:
-        return np.full(len(STAT_NAMES), -1.0), None
-    if iou_type == "bbox":  # loadRes would otherwise turn segmentations into the boxes' areas
-        results = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
-    detections = _quiet(gt.loadRes, results)
-    evaluator = COCOeval(gt, detections, iou_type)
+@dataclass(frozen=True)
+class CocoApi:
+    """One implementation of the COCO API: its COCO class (ground truth and results) and its
+    COCOeval. faster-coco-eval's follow pycocotools' interface."""
+
+    name: str
+    coco: type
+    cocoeval: type
+
+
+def coco_api(backend: int = PYCOCOTOOLS) -> CocoApi:
+    """The implementation `run.coco_eval` names; faster-coco-eval is an optional package."""
+    if backend == FASTER_COCO_EVAL:
+        try:
+            import faster_coco_eval  # noqa: PLC0415 (optional dependency)
+        except ImportError:
+            raise ConfigError("run.coco_eval = FASTER_COCO_EVAL needs the faster-coco-eval "
+                              "package: pip install faster-coco-eval") from None
+        # It logs every stage and its own summary at INFO; ours prints the table.
+        logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
+        return CocoApi("faster-coco-eval", faster_coco_eval.COCO, faster_coco_eval.COCOeval_faster)
+    return CocoApi("pycocotools", COCO, COCOeval)
+
+
+def load_ground_truth(gt_json: Path, api: CocoApi | None = None):
+    """The ground-truth file, checked as the training reader checks it (one line for a
+    malformed entry), as the implementation's COCO object."""
+    gt = (api or coco_api()).coco()
+    gt.dataset = read_annotations(Path(gt_json))
+    _quiet(gt.createIndex)
+    return gt
+
+
+def _no_detections(gt):
+    """An empty result set for gt: scoring it gives 0 wherever there is ground truth (and
+    pycocotools' -1 only where a category or area range has none), where loadRes would
+    fail on an empty list."""
+    empty = type(gt)()
+    empty.dataset = {"images": list(gt.dataset["images"]), "annotations": [],
+                     "categories": list(gt.dataset["categories"])}
+    _quiet(empty.createIndex)
+    return empty
+
+
+def _for_iou_type(results: list[dict], iou_type: str) -> list[dict]:
+    """The results as scored for one IoU type. loadRes takes a result's area, which decides
+    its small/medium/large range, from its box whenever it has one; for masks that must be the
+    mask's area, so segm scoring drops the boxes (as Detectron2 does), and bbox scoring drops
+    the masks of results that have boxes (loadRes would derive the box from the mask
+    otherwise)."""
+    if iou_type == "segm":
+        return [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    return [{k: v for k, v in r.items() if k != "segmentation" or "bbox" not in r}
+            for r in results]
+
+
+def score_results(gt, results: list[dict], iou_type: str,
+                  image_ids: Iterable[int] | None = None,
+                  api: CocoApi | None = None) -> tuple[np.ndarray, COCOeval]:
+    """pycocotools' 12 summary numbers for one IoU type, and the COCOeval for per-category
+    numbers.
+
+    gt: the ground truth, a COCO object of `api` (default pycocotools). results: COCO result
+    dicts. image_ids: the images scored (default: every image of gt). No results score 0
+    (every ground-truth instance missed), not pycocotools' -1 placeholder.
+    """
+    api = api or coco_api()
+    detections = (_quiet(gt.loadRes, _for_iou_type(results, iou_type)) if results
+                  else _no_detections(gt))
+    evaluator = api.cocoeval(gt, detections, iou_type)
     if image_ids is not None:
         evaluator.params.imgIds = sorted(image_ids)
     _quiet(evaluator.evaluate)
     _quiet(evaluator.accumulate)
     _quiet(evaluator.summarize)
-    return np.asarray(evaluator.stats, dtype=np.float64), evaluator
+    return np.asarray(evaluator.stats[:len(STAT_NAMES)], dtype=np.float64), evaluator
+
+
+def _result_problem(result, gt) -> str | None:
+    """The reason a COCO result dict does not fit the ground truth gt, or None."""
+    if not isinstance(result, dict):
+        return "is not an object"
+    for key in ("image_id", "category_id", "score"):
+        if key not in result:
+            return f"missing '{key}'"
+    if result["image_id"] not in gt.imgs:
+        return f"image_id {result['image_id']!r} is not in the ground truth"
+    if result["category_id"] not in gt.cats:
+        return f"category_id {result['category_id']!r} is not in the ground truth"
+    if not (isinstance(result["score"], int | float) and math.isfinite(result["score"])):
+        return f"score must be a finite number, not {result['score']!r}"
+    if "bbox" not in result and "segmentation" not in result:
+        return "has neither 'bbox' nor 'segmentation'"
+    bbox = result.get("bbox", [0, 0, 0, 0])
+    if not (isinstance(bbox, list) and len(bbox) == 4
+            and all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)):
+        return f"bbox must be 4 finite numbers [x, y, w, h], not {bbox!r}"
+    if "segmentation" in result:
+        segm, image = result["segmentation"], gt.imgs[result["image_id"]]
+        if not (isinstance(segm, dict) and isinstance(segm.get("counts"), str)):
+            return "segmentation must be a compressed RLE ({'size': [h, w], 'counts': str})"
+        if segm.get("size") != [image["height"], image["width"]]:
+            return (f"segmentation size {segm.get('size')} differs from the image's "
+                    f"[{image['height']}, {image['width']}]")
+        runs = rle_string_counts(segm["counts"])
+        if runs is None or sum(runs) != image["height"] * image["width"]:
+            return "segmentation counts are not a valid RLE of the image's size"
+    return None
+
+
+def read_results(path: Path, gt) -> tuple[list[dict], tuple[str, ...]]:
+    """A COCO results file (a json list of detections), checked against gt, and the IoU
+    types it can be scored for as it is: bbox if its results have boxes, segm if they have
+    masks. A malformed file stops with one line naming it and the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"results file {path} does not exist")
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetError(f"results file {path} is not readable JSON: {error}") from None
+    if not isinstance(results, list):
+        raise DatasetError(f"results file {path} must hold a list of detections, not "
+                           f"a {type(results).__name__}")
+    for index, result in enumerate(results):
+        reason = _result_problem(result, gt)
+        if reason is None and any((key in result) != (key in results[0])
+                                  for key in ("bbox", "segmentation")):
+            reason = "has other fields than the first result (bbox, segmentation)"
+        if reason:
+            raise DatasetError(f"results file {path}: result {index}: {reason}")
+    if not results:
+        return results, IOU_TYPES
+    return results, tuple(t for t, key in zip(IOU_TYPES, ("bbox", "segmentation"), strict=True)
+                          if key in results[0])
 
 
 def per_category_ap(evaluator: COCOeval, gt: COCO) -> dict[str, float]:
@@ -100,6 +225,34 @@ def per_category_ap(evaluator: COCOeval, gt: COCO) -> dict[str, float]:
         p = p[p > -1]
         out[gt.cats[category_id]["name"]] = float(p.mean()) if p.size else float("nan")
     return out
+
+
+def score(gt, results: list[dict], iou_types: Sequence[str] = IOU_TYPES,
+          image_ids: Iterable[int] | None = None, api: CocoApi | None = None,
+          per_category: bool = False, log=print) -> dict[str, float]:
+    """Scores results for each IoU type, logs pycocotools' 12 numbers as a table (and the AP
+    of each category), and returns them as {"bbox/AP": ..., "segm/AP50": ...}. The scoring
+    of training, of `maskrcnn-eval --checkpoint` and of `maskrcnn-eval --results`."""
+    image_ids = None if image_ids is None else sorted(image_ids)
+    if not results:
+        scored = len(image_ids) if image_ids is not None else len(gt.imgs)
+        log(f"no detections on the {scored} images scored: every AP and AR is 0 (-1 only for "
+            "an area range without ground truth)")
+    stats, metrics = {}, {}
+    for iou_type in iou_types:
+        stats[iou_type], evaluator = score_results(gt, results, iou_type, image_ids, api)
+        metrics.update({f"{iou_type}/{n}": float(v)
+                        for n, v in zip(STAT_NAMES, stats[iou_type], strict=True)})
+        if per_category:
+            for name, ap in per_category_ap(evaluator, gt).items():
+                metrics[f"{iou_type}/AP-{name}"] = ap
+    log(format_table(stats))
+    if per_category:
+        for iou_type in iou_types:
+            names = sorted(k for k in metrics if k.startswith(f"{iou_type}/AP-"))
+            log(f"{iou_type} AP per category: " + ", ".join(
+                f"{k.split('/AP-', 1)[1]} {metrics[k]:.3f}" for k in names))
+    return metrics
 
 
 def format_table(stats: dict[str, np.ndarray]) -> str:
@@ -114,14 +267,14 @@ def format_table(stats: dict[str, np.ndarray]) -> str:
 def evaluate(model: torch.nn.Module, loader: Iterable[Batch], gt_json: Path,
              category_ids: Sequence[int], output_dir: Path | None, device: torch.device,
              autocast_dtype: torch.dtype | None = None, per_category: bool = False,
-             log=print) -> dict[str, float]:
+             coco_eval: int = PYCOCOTOOLS, log=print) -> dict[str, float]:
     """Scores the model on every image of the loader against gt_json.
 
     Data parallel (a process group with several ranks): every rank calls this with the loader
     of its own shard; results are gathered on rank 0, which writes and scores them once, and
     every rank returns rank 0's metrics. Writes the results (bbox and segm in one COCO results
     file, ordered by image id) to output_dir/coco_results.json when output_dir is given.
-    Returns {"bbox/AP": ..., ...}.
+    coco_eval: the COCOeval implementation (run.coco_eval). Returns {"bbox/AP": ..., ...}.
     """
     was_training = model.training
     model.eval()
@@ -158,19 +311,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Batch], gt_json: Path,
         tmp.write_text(json.dumps(results))
         tmp.replace(path)
         log(f"results written to {path}")
-    gt = _quiet(COCO, str(gt_json))
-    stats, metrics = {}, {}
-    for iou_type in IOU_TYPES:
-        stats[iou_type], evaluator = score_results(gt, results, iou_type, image_ids)
-        metrics.update({f"{iou_type}/{n}": float(v)
-                        for n, v in zip(STAT_NAMES, stats[iou_type], strict=True)})
-        if per_category and evaluator is not None:
-            for name, ap in per_category_ap(evaluator, gt).items():
-                metrics[f"{iou_type}/AP-{name}"] = ap
-    log(format_table(stats))
-    if per_category:
-        for iou_type in IOU_TYPES:
-            names = sorted(k for k in metrics if k.startswith(f"{iou_type}/AP-"))
-            log(f"{iou_type} AP per category: " + ", ".join(
-                f"{k.split('/AP-', 1)[1]} {metrics[k]:.3f}" for k in names))
+    api = coco_api(coco_eval)
+    metrics = score(load_ground_truth(gt_json, api), results, IOU_TYPES, image_ids, api,
+                    per_category, log)
     return distributed.broadcast_from_main(metrics, "sending the metrics from rank 0")

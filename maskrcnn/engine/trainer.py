@@ -309,7 +309,8 @@ class Trainer:
                                    world_size=self.world_size)
         return evaluate(unwrap(self.model), loader, self.val_json,
                         self.val_coco.category_ids, self.output_dir, self.device,
-                        self.autocast_dtype, log=self.log)
+                        self.autocast_dtype, coco_eval=self.config.run.coco_eval,
+                        log=self.log)
 
     def train(self, exit_after_step: int = 0, exit_rank: int = -1) -> TrainResult:
         """Trains to the end of the schedule from self.step (0, or where resume left off).

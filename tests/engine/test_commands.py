@@ -58,7 +58,7 @@ def test_predict_draws_images_and_writes_coco_json(trained, cache, tmp_path):
 
 @pytest.mark.parametrize("module, flags, message", [
     ("maskrcnn.eval", ["--checkpoint=/nonexistent.pt"], "cannot read checkpoint /nonexistent.pt"),
-    ("maskrcnn.eval", [], "--checkpoint is required"),
+    ("maskrcnn.eval", [], "--checkpoint (or --results) is required"),
     ("maskrcnn.predict", ["--input=/nonexistent"], "/nonexistent: no such file or folder"),
 ])
 def test_bad_input_is_one_line(trained, cache, module, flags, message):

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,8 +12,25 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maskrcnn.config import config_pb2
 from maskrcnn.data.batch import Batch
-from maskrcnn.engine.evaluate import detections_to_coco, per_category_ap, score_results
+from maskrcnn.data.coco import DatasetError
+from maskrcnn.engine.evaluate import (
+    STAT_NAMES,
+    coco_api,
+    detections_to_coco,
+    load_ground_truth,
+    per_category_ap,
+    read_results,
+    score,
+    score_results,
+)
+from tests.tiny import REPO, run_module
+
+COCOAPI = REPO / "tests" / "assets" / "cocoapi-eval"
+# The cocoapi's published scores of its fake results on 100 val2014 images
+# (cocoapi-eval/val2014_fake_eval_res.txt).
+PUBLISHED_AP = {"bbox": 0.5045806987249628, "segm": 0.3195452758576433}
 
 CATEGORIES = [{"id": 2, "name": "a"}, {"id": 7, "name": "b"}]
 
@@ -70,9 +88,10 @@ def test_imperfect_results_score_what_pycocotools_reports(gt):
         ours, evaluator = score_results(coco, results, iou_type)
         with contextlib.redirect_stdout(io.StringIO()):
             reference_gt = COCO(str(path))
+            # Boxes alone for bbox, masks alone for segm (as Detectron2 scores them).
+            drop = "segmentation" if iou_type == "bbox" else "bbox"
             detections = reference_gt.loadRes(
-                [{k: v for k, v in r.items() if iou_type == "segm" or k != "segmentation"}
-                 for r in results])
+                [{k: v for k, v in r.items() if k != drop} for r in results])
             reference = COCOeval(reference_gt, detections, iou_type)
             reference.evaluate()
             reference.accumulate()
@@ -83,10 +102,33 @@ def test_imperfect_results_score_what_pycocotools_reports(gt):
         assert set(per_category) == {"a", "b"}
 
 
-def test_no_results_scores_minus_one(gt):
+def test_no_detections_score_zero_not_minus_one(gt):
+    """If this fails, a model that detects nothing is reported with pycocotools' -1.000
+    placeholder (what a new user saw on real photos after a short run) instead of AP 0."""
     _, coco, _ = gt
-    stats, evaluator = score_results(coco, [], "bbox")
-    assert evaluator is None and (stats == -1).all()
+    lines = []
+    for iou_type in ("bbox", "segm"):
+        stats, _ = score_results(coco, [], iou_type)
+        # Every ground truth is small (< 32^2): medium and large have none and stay -1.
+        np.testing.assert_array_equal(stats, [0, 0, 0, 0, -1, -1, 0, 0, 0, 0, -1, -1])
+    metrics = score(coco, [], log=lines.append)
+    assert "no detections on the 3 images scored: every AP and AR is 0" in lines[0]
+    assert metrics["bbox/AP"] == 0 and metrics["segm/AR100"] == 0
+
+
+def test_mask_results_are_sized_by_their_masks_not_their_boxes(gt):
+    """If this fails, a mask result carrying a box gets the box's area (pycocotools' loadRes
+    takes it from the box), which puts unmatched masks in the wrong small/medium/large
+    range: here a small false-positive mask with a large box would escape the small range."""
+    _, coco, annotations = gt
+    results = _perfect(annotations)
+    results.append({"image_id": 3, "category_id": 2, "bbox": [0, 0, 80, 60], "score": 0.95,
+                    "segmentation": _rect_rle(60, 80, 1, 1, 10, 10)})  # small mask, big box
+    stats, _ = score_results(coco, results, "segm")
+    masks_only = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    reference, _ = score_results(coco, masks_only, "segm")
+    np.testing.assert_array_equal(stats, reference)
+    assert stats[3] < 0.99  # the false positive counts against the small range
 
 
 def test_detections_are_mapped_to_original_pixels_and_category_ids():
@@ -120,3 +162,78 @@ def test_detections_are_mapped_to_original_pixels_and_category_ids():
     extent = np.array([xs.min(), xs.max() + 1, ys.min(), ys.max() + 1])
     assert np.abs(extent - [10, 30, 10, 20]).max() <= 1
     assert results[1]["category_id"] == 2 and results[1]["score"] == pytest.approx(0.6)
+
+
+def _published_table(iou_type: str) -> list[float]:
+    """The 12 numbers of one IoU type in the cocoapi's published output."""
+    text = (COCOAPI / "val2014_fake_eval_res.txt").read_text()
+    section = text.split(f"type={iou_type}", 1)[1].split("type=", 1)[0]
+    return [float(v) for v in re.findall(r"\] = (-?[\d.]+)", section)]
+
+
+@pytest.mark.parametrize("backend", ["PYCOCOTOOLS", "FASTER_COCO_EVAL"])
+def test_scoring_reproduces_the_cocoapi_published_numbers(backend):
+    """If this fails, our scoring (the code training uses) is not the official COCO scoring:
+    it differs from the cocoapi's published results for its fake detections, or the
+    faster-coco-eval option gives other numbers than pycocotools."""
+    api = coco_api(getattr(config_pb2, backend))
+    gt = load_ground_truth(COCOAPI / "instances_val2014_100.json", api)
+    for iou_type in ("bbox", "segm"):
+        path = COCOAPI / f"instances_val2014_fake{iou_type}100_results.json"
+        results, types = read_results(path, gt)
+        assert types == (iou_type,)
+        metrics = score(gt, results, types, api=api, log=lambda text: None)
+        assert abs(metrics[f"{iou_type}/AP"] - PUBLISHED_AP[iou_type]) < 1e-12
+        table = [metrics[f"{iou_type}/{name}"] for name in STAT_NAMES]
+        np.testing.assert_allclose(table, _published_table(iou_type), atol=5e-4)
+
+
+def test_eval_command_scores_a_results_file(tmp_path):
+    """If this fails, `maskrcnn-eval --results=FILE --val_json=GT` does not print the
+    official numbers and table, or a bad results file ends in a traceback."""
+    gt_json = COCOAPI / "instances_val2014_100.json"
+    results = COCOAPI / "instances_val2014_fakesegm100_results.json"
+    done = run_module("maskrcnn.eval", f"--results={results}", f"--val_json={gt_json}",
+                      "--iou_type=bbox,segm", cache_dir=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"segm AP {PUBLISHED_AP['segm']!r}" in done.stdout
+    assert re.search(r"^bbox( +-?\d\.\d{3}){12}$", done.stdout, re.M)  # boxes from the masks
+    assert re.search(r"^segm +0\.320 +0\.562 +0\.299( +-?\d\.\d{3}){9}$", done.stdout, re.M)
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1],
+                                "score": 0.5}]))
+    failed = run_module("maskrcnn.eval", f"--results={bad}", f"--val_json={gt_json}",
+                        cache_dir=tmp_path)
+    lines = [line for line in failed.stderr.splitlines() if line.strip()]
+    assert failed.returncode == 2 and len(lines) == 1, failed.stderr
+    assert f"results file {bad}: result 0: image_id 1 is not in the ground truth" in lines[0]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{}", "must hold a list of detections, not a dict"),
+    ("[1", "is not readable JSON"),
+    ('[{"image_id": 1, "category_id": 2, "bbox": [0, 0, 1, 1]}]', "result 0: missing 'score'"),
+    ('[{"image_id": 1, "category_id": 5, "bbox": [0, 0, 1, 1], "score": 1}]',
+     "category_id 5 is not in the ground truth"),
+    ('[{"image_id": 1, "category_id": 2, "bbox": [0, 0, 1], "score": 1}]', "bbox must be 4"),
+    ('[{"image_id": 1, "category_id": 2, "score": 1}]', "neither 'bbox' nor 'segmentation'"),
+    ('[{"image_id": 1, "category_id": 2, "score": 1, "segmentation": [[1, 2, 3, 4, 5, 6]]}]',
+     "must be a compressed RLE"),
+    ('[{"image_id": 1, "category_id": 2, "score": 1, '
+     '"segmentation": {"size": [6, 8], "counts": "PP"}}]', "differs from the image's [60, 80]"),
+    ('[{"image_id": 1, "category_id": 2, "score": 1, '
+     '"segmentation": {"size": [60, 80], "counts": "PP"}}]', "not a valid RLE"),
+    ('[{"image_id": 1, "category_id": 2, "score": 1, "bbox": [0, 0, 1, 1]}, '
+     '{"image_id": 1, "category_id": 2, "score": 1, "bbox": [0, 0, 1, 1], '
+     '"segmentation": {"size": [60, 80], "counts": "Pf4"}}]', "result 1: has other fields"),
+])
+def test_malformed_results_files_are_one_line(gt, tmp_path, content, message):
+    """If this fails, a results file that does not fit its ground truth crashes inside
+    pycocotools (an assertion or a traceback) instead of naming the file and the result."""
+    _, coco, _ = gt
+    path = tmp_path / "results.json"
+    path.write_text(content)
+    with pytest.raises(DatasetError) as caught:
+        read_results(path, coco)
+    assert message in str(caught.value) and str(path) in str(caught.value)
