@@ -44,9 +44,14 @@ def _polygons_in_box(polygons: list, box: np.ndarray, size: int) -> np.ndarray:
         xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
         # (x, y) in image pixels -> (u, v) in supersampled box cells.
         local.append(np.stack([(xy[:, 0] - x1) * sx, (xy[:, 1] - y1) * sy], 1).ravel().tolist())
-    fine = decode_segmentation(local, grid, grid).astype(np.float32)
-    # (grid, grid) -> (size, SUPERSAMPLE, size, SUPERSAMPLE) -> mean over each cell's samples.
-    return fine.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
+    # pycocotools decodes column-major: its transpose is a C-ordered (u, v) array, 0 or 1.
+    fine = decode_segmentation(local, grid, grid).T
+    # Samples of each cell added up, in place of a reshape to (size, SS, size, SS), which
+    # would copy the column-major array: (u, v) -> (u cells, v) -> (u cells, v cells), counts
+    # 0..SS^2 in uint8 (SS^2 = 16 fits).
+    cells = sum(fine[k::SUPERSAMPLE] for k in range(SUPERSAMPLE))
+    cells = sum(cells[:, k::SUPERSAMPLE] for k in range(SUPERSAMPLE))
+    return cells.T / np.float32(SUPERSAMPLE**2)  # (u, v) -> (v, u) rows and columns
 
 
 def _overlaps(lo: float, hi: float, cells: int, first_pixel: int, pixels: int) -> np.ndarray:
