@@ -1,12 +1,20 @@
-"""Per-image geometry of the input pipeline: canvas choice, resize, flip, pad.
+"""Per-image geometry of the input pipeline: canvas choice, decode, resize, flip, pad.
 
 Sizes are (height, width) pairs of ints; boxes are (x1, y1, x2, y2) in pixels.
+
+Images stay uint8 from the file to the Batch and are copied as few times as possible: PIL
+decodes (one copy out of PIL); the resize is torch's uint8 bilinear kernel (PIL's filter, 2-3x
+faster than PIL, within 1 of it per value), whose output is channel-planar already, so padding
+is a plain copy. `resize_image_pil` is the PIL resize this replaced, kept as the reference the
+tests and the loader benchmark measure the fast one against.
 """
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 
 from maskrcnn.data.coco import DatasetError
@@ -36,10 +44,13 @@ def resized_size(height: int, width: int, short_side: int, max_long_side: int,
 
 
 def load_image(path, json_path, height: int, width: int) -> np.ndarray:
-    """Decodes an image as uint8[height, width, 3] RGB, or stops naming the file."""
+    """Decodes an image as uint8[height, width, 3] RGB, or stops naming the file.
+
+    The array is read-only: PIL's pixels copied once (an RGB file skips convert's copy).
+    """
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
+            array = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DatasetError(f"cannot read image {path} (listed in {json_path}): {error}") from None
     if array.shape[:2] != (height, width):
@@ -48,8 +59,31 @@ def load_image(path, json_path, height: int, width: int) -> np.ndarray:
     return array
 
 
+def _planes(image: np.ndarray) -> torch.Tensor:
+    """uint8[h, w, 3] -> a uint8[3, h, w] tensor over the same memory, which may be read-only
+    (torch warns about that; its readers here never write)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(image).permute(2, 0, 1)
+
+
 def resize_image(image: np.ndarray, size: Size) -> np.ndarray:
-    """uint8[H, W, 3] -> uint8[h, w, 3] with bilinear (antialiased) resampling."""
+    """uint8[H, W, 3] -> uint8[h, w, 3], bilinear, antialiased when shrinking (PIL's filter).
+
+    torch's uint8 kernel (F.interpolate, antialias=True): each value within 1 of PIL's
+    (resize_image_pil). The result is a view of channel-planar (3, h, w) memory, which
+    pad_to_canvas copies without a transpose.
+    """
+    if image.shape[:2] == size:
+        return image
+    pixels = _planes(image)[None]  # (1, 3, H, W), channels-last memory: the kernel's fast path
+    out = torch.nn.functional.interpolate(pixels, size=size, mode="bilinear", antialias=True,
+                                          align_corners=False)
+    return out[0].permute(1, 2, 0).numpy()  # (1, 3, h, w) -> (h, w, 3), a view
+
+
+def resize_image_pil(image: np.ndarray, size: Size) -> np.ndarray:
+    """Reference for resize_image: PIL's bilinear (antialiased) resampling."""
     if image.shape[:2] == size:
         return image
     return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
@@ -66,8 +100,19 @@ def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
     return np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
 
 
-def pad_to_canvas(image: np.ndarray, canvas: Size) -> np.ndarray:
-    """uint8[h, w, 3] -> uint8[3, H, W] with zeros at the bottom and right."""
-    out = np.zeros((3, *canvas), dtype=np.uint8)
-    out[:, : image.shape[0], : image.shape[1]] = image.transpose(2, 0, 1)
+def pad_to_canvas(image: np.ndarray, canvas: Size, flip: bool = False) -> np.ndarray:
+    """uint8[h, w, 3] -> uint8[3, H, W] with zeros at the bottom and right; mirrored
+    left-right first if flip.
+
+    One pass over the canvas: the image is copied in, transposed (and mirrored: torch's flip,
+    4x faster here than numpy's reversed copy), and only the margins are zeroed.
+    """
+    h, w = image.shape[:2]
+    out = np.empty((3, *canvas), dtype=np.uint8)
+    if flip:
+        torch.from_numpy(out)[:, :h, :w] = _planes(image).flip(-1)
+    else:
+        out[:, :h, :w] = image.transpose(2, 0, 1)
+    out[:, :h, w:] = 0
+    out[:, h:] = 0
     return out

@@ -9,7 +9,11 @@ from maskrcnn.data.batch import Batch, collate
 from maskrcnn.data.coco import CocoDataset, DatasetError
 from maskrcnn.data.dataset import DetectionDataset
 from maskrcnn.data.loader import build_dataset, build_eval_loader, build_train_loader
+from maskrcnn.data.transforms import load_image, resize_image_pil
 from tests.data.conftest import square, write_coco
+from tests.tiny import REPO
+
+COCO = REPO / "tests" / "assets" / "coco2017-tiny"
 
 
 def _dataset(coco, max_instances=8, flip_prob=0.0):
@@ -143,3 +147,43 @@ def test_eval_loader_sees_every_image_once_without_flips(many_images):
         assert not batch.flipped.any()
         ids += batch.image_ids.tolist()
     assert sorted(ids) == list(range(1, 17))
+
+
+def _reference_sample(dataset, index, epoch):
+    """A sample's image and boxes by the pipeline's earlier path: PIL's resize, numpy's
+    reversed view for the flip, a zeroed canvas with the image transposed into it."""
+    record = dataset.coco.records[index]
+    canvas, size, flip = dataset.geometry(index, epoch)
+    image = resize_image_pil(load_image(record.path, "", record.height, record.width), size)
+    if flip:
+        image = image[:, ::-1]
+    padded = np.zeros((3, *canvas), np.uint8)
+    padded[:, :size[0], :size[1]] = image.transpose(2, 0, 1)
+    return padded
+
+
+def test_samples_match_the_pil_reference_pipeline():
+    """If this fails, the fast pipeline (torch's uint8 resize, the flip in the padding copy)
+    makes other samples than the PIL pipeline it replaced, on real COCO photos at the COCO
+    recipe's sizes, flipped and not, both canvases: an image value off by more than 1 (the
+    resize's rounding), the image misplaced or unflipped, or the masks, classes or slots
+    other than the record's targets (mirrored with the image)."""
+    coco = CocoDataset(COCO / "annotations" / "instances_val2017.json", COCO / "val2017",
+                       train=True)
+    config = load_config("8x4")
+    dataset = build_dataset(config, coco, train=True)
+    portrait = int(np.flatnonzero(dataset.canvas_of == 1)[0])
+    flips = set()
+    for index in (0, portrait):
+        for epoch in range(3):
+            sample = dataset[(index, epoch)]
+            flips.add(bool(sample["flipped"]))
+            difference = np.abs(sample["images"].astype(np.int16)
+                                - _reference_sample(dataset, index, epoch))
+            assert difference.max() <= 1 and (difference > 0).mean() < 0.005, (index, epoch)
+            boxes, classes, valid, masks, _ = dataset.targets(coco.records[index])
+            np.testing.assert_array_equal(sample["gt_classes"], classes)
+            np.testing.assert_array_equal(sample["gt_valid"], valid)
+            np.testing.assert_array_equal(sample["gt_masks"],
+                                          masks[:, :, ::-1] if sample["flipped"] else masks)
+    assert flips == {False, True}
