@@ -11,6 +11,11 @@ and targets, and the ratios; the two sides' timed steps take turns (ours, torchv
 ...), so that a drift in the machine's speed hits both alike. Then where our step's time goes
 (--breakdown) and op micro-benchmarks against torchvision.ops at the step's sizes (--ops).
 --json_out writes the whole report as JSON.
+
+`--loader` times the input pipeline instead, without the model (maskrcnn/bench/loader.py): on
+the config's training images (--data_dir, or --train_json and --train_images), images/s of each
+stage, of whole samples in one process, and of the training DataLoader with each of
+--loader_workers, and the workers one GPU at --gpu_images_per_s needs.
 """
 
 import gc
@@ -27,6 +32,7 @@ import torchvision
 from absl import flags
 
 from maskrcnn.bench.breakdown import breakdown, matrix_times
+from maskrcnn.bench.loader import format_loader_report, run_loader_benchmark
 from maskrcnn.bench.measure import (
     PeakMemory,
     count_flops,
@@ -59,6 +65,15 @@ flags.DEFINE_bool("baseline_cudnn_benchmark", False, "cuDNN autotuning for torch
                   "step 4.5x its fastest).")
 flags.DEFINE_bool("breakdown", True, "Profile where our training step's time goes.")
 flags.DEFINE_bool("ops", True, "Op micro-benchmarks (proposals, ROIAlign) against torchvision.")
+flags.DEFINE_bool("loader", False, "Time the input pipeline (decode, resize, flip, pad, "
+                  "targets, collate, DataLoader workers) on the training images instead of the "
+                  "model; --steps and --warmup count batches.")
+flags.DEFINE_integer("loader_rounds", 3, "With --loader: rounds of the in-process and "
+                     "DataLoader measurements, taken in turn; the report gives the median.")
+flags.DEFINE_list("loader_workers", ["1", "2"], "With --loader: the DataLoader worker counts "
+                  "to time; the first one's per-worker rate sizes --gpu_images_per_s.")
+flags.DEFINE_float("gpu_images_per_s", 185.0, "With --loader: the images/s one GPU's training "
+                   "step consumes, to state the workers it needs.")
 
 # Training steps profiled for the breakdown (at most --steps).
 PROFILE_STEPS = 3
@@ -74,6 +89,14 @@ def _check_flags() -> torch.device:
         raise ConfigError(f"--warmup={FLAGS.warmup}: must be at least 0")
     if FLAGS.peak_tflops < 0:
         raise ConfigError(f"--peak_tflops={FLAGS.peak_tflops:g}: must be positive (or 0)")
+    if not FLAGS.loader_workers or not all(w.isdigit() and int(w) > 0
+                                           for w in FLAGS.loader_workers):
+        raise ConfigError(f"--loader_workers={','.join(FLAGS.loader_workers)}: must be a "
+                          "comma-separated list of positive worker counts")
+    if FLAGS.loader_rounds < 1:
+        raise ConfigError(f"--loader_rounds={FLAGS.loader_rounds}: must be at least 1")
+    if FLAGS.gpu_images_per_s <= 0:
+        raise ConfigError(f"--gpu_images_per_s={FLAGS.gpu_images_per_s:g}: must be positive")
     try:
         device = resolve_device(FLAGS.device)
     except RuntimeError:
@@ -367,8 +390,16 @@ def format_report(report: dict) -> str:
 def main() -> None:
     device = _check_flags()
     config = config_from_flags()
-    report = run_benchmark(config, device)
-    print(format_report(report), flush=True)
+    if FLAGS.loader:
+        report = {"command": shlex.join(["maskrcnn-benchmark", *sys.argv[1:]]),
+                  **run_loader_benchmark(
+            config, steps=FLAGS.steps, warmup=FLAGS.warmup, rounds=FLAGS.loader_rounds,
+            workers=[int(w) for w in FLAGS.loader_workers],
+            gpu_images_per_s=FLAGS.gpu_images_per_s)}
+        print(format_loader_report(report), flush=True)
+    else:
+        report = run_benchmark(config, device)
+        print(format_report(report), flush=True)
     if FLAGS.json_out:
         path = Path(FLAGS.json_out)
         path.parent.mkdir(parents=True, exist_ok=True)
