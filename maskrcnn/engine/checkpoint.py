@@ -1,16 +1,25 @@
-"""Checkpoints: written atomically, found again by step.
+"""Checkpoints: written atomically, checked when read, found again by step.
 
 A checkpoint is one file `<output_dir>/checkpoints/step_<step>.pt` holding everything a run
 needs to continue exactly where it stopped: model, optimiser, LR schedule, loss scaler, epoch
 and step (which is also the sampler's position), RNG states, the resolved config and the class
-names. It is written to a temporary file in the same folder and renamed over the final name, so
-a crash while writing leaves the previous checkpoints intact and never a half-written file.
+names. It is written to a temporary file in the same folder, flushed to disk and renamed over
+the final name, so a crash or a failed write (a full disk) leaves the previous checkpoints
+intact and never a half-written file; a failed write removes its temporary file and stops the
+run with one line (CheckpointError).
+
+Reading checks the file first: torch.save writes a zip archive with a CRC32 of every record,
+which torch.load does not verify (a garbled tensor loads as different numbers), so `load`
+verifies them. `load_latest` is what --resume reads: the newest checkpoint that can be read,
+saying which newer ones it skipped and why.
 """
 
 import os
 import pickle
 import random
 import re
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,43 +28,137 @@ import torch
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d+)\.pt$")
+# What every reader of a checkpoint needs (eval and predict: the model and its config).
+REQUIRED_KEYS = ("model", "config", "step")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the model."""
+    """A checkpoint that cannot be read or written, or does not fit the model."""
 
 
 def checkpoint_path(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINT_DIR / f"step_{step:08d}.pt"
 
 
+class _Writer:
+    """A file's write and flush, keeping the OSError a write raised: torch.save turns it into a
+    RuntimeError without the reason ("unexpected pos 704 vs 598" for a full disk)."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_atomic(state: dict[str, Any], path: Path) -> Path:
-    """torch.save to a temporary file next to path, flushed to disk, then renamed onto it."""
+    """torch.save to a temporary file next to path, flushed to disk, then renamed onto it.
+
+    A failure (no space left, no permission, a folder in the way) removes the temporary file,
+    leaves whatever was at path before, and raises CheckpointError naming path and the reason.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    writer = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            writer = _Writer(f)
+            torch.save(state, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+        # The rename itself on disk too, so that a power loss cannot bring the old state back.
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except (OSError, RuntimeError) as error:
+        if writer is not None:  # the temporary file is ours (not, e.g., a folder in the way)
+            tmp.unlink(missing_ok=True)
+        reason = writer.error if writer is not None and writer.error else error
+        raise CheckpointError(f"cannot write checkpoint {path}: {_first_line(reason)}; "
+                              "the checkpoints written before are intact") from None
     return path
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The checkpoints in output_dir, newest (highest step) first."""
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt")
+             if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The checkpoint with the highest step in output_dir, or None."""
-    folder = Path(output_dir) / CHECKPOINT_DIR
-    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt")
-             if (m := _NAME.match(p.name))]
-    return max(found)[1] if found else None
+    found = checkpoints(output_dir)
+    return found[0] if found else None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _problem(path: Path) -> str | None:
+    """Why the file at path is not an intact zip archive, or None if it is."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every record and compares its CRC32
+    except zipfile.BadZipFile as error:  # also what a truncated archive raises
+        return f"truncated or not a checkpoint ({error})"
+    except (OSError, EOFError, ValueError, RuntimeError) as error:
+        return _first_line(error)
+    return f"corrupted (record {bad} fails its CRC check)" if bad else None
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Reads a checkpoint onto the CPU, or stops with one line naming the file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+    """Reads a checkpoint onto the CPU, or stops with one line naming the file and the reason
+    (a truncated, garbled or foreign file; the whole file is read twice, once to check it)."""
+    problem = _problem(path)
+    if problem is None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
+            problem = _first_line(error)
+        else:
+            if isinstance(state, dict) and all(key in state for key in REQUIRED_KEYS):
+                return state
+            problem = "not a checkpoint of maskrcnn-train (no " + ", ".join(
+                f"'{key}'" for key in REQUIRED_KEYS) + ")"
+    raise CheckpointError(f"cannot read checkpoint {path}: {problem}")
+
+
+def load_latest(output_dir: Path, log: Callable[[str], None]) -> tuple[Path, dict] | None:
+    """The newest checkpoint in output_dir that can be read, and its state (what --resume
+    continues from); None when there is no checkpoint.
+
+    Each newer one that cannot be read is skipped with one line (log); the run then goes on
+    from an older one and writes the skipped steps again. When there are checkpoints but none
+    can be read, CheckpointError: the run stops rather than train from scratch and write over
+    them (moving them away is the way to start again).
+    """
+    found = checkpoints(output_dir)
+    for path in found:
+        try:
+            return path, load(path)
+        except CheckpointError as error:
+            log(f"--resume: {error}; skipping it")
+    if found:
+        raise CheckpointError(
+            f"--resume: none of the {len(found)} checkpoint(s) in {found[0].parent} can be read "
+            "(each named above); stopping rather than training from scratch over them (move "
+            "them away to start again)")
+    return None
 
 
 def rng_states() -> dict[str, Any]:
