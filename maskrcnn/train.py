@@ -3,7 +3,8 @@
 With no data flags the `shapes` config generates the built-in synthetic dataset once (into
 $MASKRCNN_CACHE or ~/.cache/maskrcnn), trains on it, evaluates box and mask AP on its val split
 and writes <output_dir>/predictions.png. `--resume` continues from the latest checkpoint in the
-output dir.
+output dir that can be read (saying which newer ones it skipped and why); when there are
+checkpoints but none can be read, it stops (exit status 2) rather than train over them.
 
 Data parallel: `torchrun --nproc_per_node=N -m maskrcnn.train --config=8x4 ...` (one process
 per GPU; NCCL on GPUs, Gloo on the CPU). The processes started define the global batch
@@ -73,15 +74,9 @@ def train(config: Config, process: distributed.Process) -> None:
     say(describe("train", trainer.train_coco))
     if trainer.val_coco is not None:
         say(describe("val", trainer.val_coco))
-    if FLAGS.resume:
-        latest = distributed.broadcast_from_main(
-            ckpt.latest_checkpoint(output_dir) if main_process else None,
-            "sending the checkpoint's name from rank 0")
-        if latest is None:
-            say(f"--resume: no checkpoint in {output_dir / ckpt.CHECKPOINT_DIR}; "
-                "starting from scratch")
-        else:
-            trainer.resume(latest)
+    if FLAGS.resume and trainer.resume() is None:
+        say(f"--resume: no checkpoint in {output_dir / ckpt.CHECKPOINT_DIR}; "
+            "starting from scratch")
     result = trainer.train(exit_after_step=FLAGS.debug_exit_after_step,
                            exit_rank=FLAGS.debug_exit_rank)
     if result.metrics:

@@ -12,6 +12,11 @@ step does the maths of one process holding the whole global batch: sampling keys
 the global batch and sliced (sampling.global_batch_keys), loss normalisers are counts over the
 global batch (distributed.global_counts), and DDP averages the gradients. Logged losses are
 averaged over the ranks and the non-finite check sees every rank's, so all ranks stop together.
+
+Faults (the commands turn each into one line and an exit status, cli.py):
+- A checkpoint that cannot be written (a full disk): CheckpointError on every rank, the
+  checkpoints before it intact (checkpoint.save_atomic).
+- --resume skips checkpoints that cannot be read (checkpoint.load_latest).
 """
 
 import os
@@ -233,16 +238,34 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes the checkpoint of this step (and returns its path; None on the other
+        ranks). Every rank returns once it is written, or raises the CheckpointError of a
+        failed write, so that all stop together with its line (rather than the others failing
+        at their next collective, naming only a lost peer).
+        """
         self._check_parameters_finite()  # on every rank, so that all stop together
-        if not self.is_main:
-            return None
-        path = ckpt.save_atomic(self.state(), ckpt.checkpoint_path(self.output_dir, self.step))
-        self.log(f"checkpoint written to {path}")
+        path, error = None, None
+        if self.is_main:
+            try:
+                path = ckpt.save_atomic(self.state(),
+                                        ckpt.checkpoint_path(self.output_dir, self.step))
+            except ckpt.CheckpointError as failed:
+                error = str(failed)
+            else:
+                self.log(f"checkpoint written to {path}")
+        if self.world_size > 1:
+            error = distributed.broadcast_from_main(error, "waiting for rank 0 to write the "
+                                                    "checkpoint")
+        if error:
+            raise ckpt.CheckpointError(error)
         return path
 
-    def resume(self, path: Path) -> None:
-        """Continues from a checkpoint (every rank calls this; rank 0 reads the file and
-        sends it to the others, so only its node needs the output dir).
+    def resume(self) -> Path | None:
+        """Continues from the newest readable checkpoint in the output dir and returns its
+        path; None (and nothing changes) when there is no checkpoint. Every rank calls this;
+        rank 0 reads the file and sends it to the others, so only its node needs the output
+        dir. Unreadable newer checkpoints are skipped with a line each; when none can be
+        read, every rank raises that CheckpointError (checkpoint.load_latest).
 
         With the global batch the checkpoint was written at, the run continues exactly. With
         another one (another number of processes), it continues at the same epoch and, within
@@ -250,8 +273,18 @@ class Trainer:
         epoch fill; the LR follows this run's schedule from there (base LR for this global
         batch), and model, momentum, loss scaler and RNG states carry over.
         """
-        state = distributed.broadcast_from_main(ckpt.load(path) if self.is_main else None,
-                                                "sending the checkpoint from rank 0")
+        found: tuple[Path, dict] | str | None = None
+        if self.is_main:
+            try:
+                found = ckpt.load_latest(self.output_dir, self.log)
+            except ckpt.CheckpointError as error:
+                found = str(error)
+        found = distributed.broadcast_from_main(found, "sending the checkpoint from rank 0")
+        if isinstance(found, str):
+            raise ckpt.CheckpointError(found)
+        if found is None:
+            return None
+        path, state = found
         schedule = self.schedule
         try:
             unwrap(self.model).load_state_dict(state["model"])
@@ -279,6 +312,7 @@ class Trainer:
                      f"LR {self.optimizer.param_groups[0]['lr']:.3g}")
         self.log(f"resumed from {path} at step {self.step} (epoch "
                  f"{schedule.epoch_of(self.step)})")
+        return path
 
     def _check_parameters_finite(self) -> None:
         for name, parameter in unwrap(self.model).named_parameters():

@@ -1,14 +1,20 @@
-"""Checkpoints: atomic writes that fail cleanly, reads that catch damaged files, and the
-newest readable one found past them."""
+"""Checkpoints: atomic writes that fail cleanly, reads that catch damaged files, and --resume
+falling back past them."""
 
 import errno
 import io
 import os
+import shutil
 
 import pytest
 import torch
 
 from maskrcnn.engine import checkpoint as ckpt
+from tests.tiny import run_module, tiny_flags
+
+# The command-line runs: 1 epoch of 2 steps, a checkpoint after each.
+SHORT = ["solver { epochs: 1 images_per_epoch: 4 warmup_steps: 1 lr_decay_epochs: [1] }",
+         "run { checkpoint_period_steps: 1 }"]
 
 
 def _state(step: int) -> dict:
@@ -147,3 +153,70 @@ def test_load_latest_stops_when_no_checkpoint_can_be_read(tmp_path):
         ckpt.load_latest(tmp_path, lines.append)
     assert [line.split(": ")[1] for line in lines] == [f"cannot read checkpoint {newest}",
                                                        f"cannot read checkpoint {older}"]
+
+
+# ---------------------------------------------------------------- the commands
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, cache):
+    """The checkpoints folder of a tiny 2-step run with a checkpoint after each step."""
+    out = tmp_path_factory.mktemp("two_checkpoints")
+    result = run_module("maskrcnn.train", *tiny_flags(out, *SHORT), cache_dir=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in ckpt.checkpoints(out)] == ["step_00000002.pt", "step_00000001.pt"]
+    return out / ckpt.CHECKPOINT_DIR
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint(two_checkpoints, tmp_path, cache):
+    """If this fails, `--resume` with a truncated newest checkpoint stops, starts from
+    scratch, or falls back without saying which checkpoint it skipped; or the fallback does
+    not continue exactly (the step it writes again differs from the original)."""
+    shutil.copytree(two_checkpoints, tmp_path / ckpt.CHECKPOINT_DIR)
+    newest = tmp_path / ckpt.CHECKPOINT_DIR / "step_00000002.pt"
+    _truncate(newest)
+    result = run_module("maskrcnn.train", *tiny_flags(tmp_path, *SHORT), "--resume",
+                        cache_dir=cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    skipped = [line for line in result.stdout.splitlines() if "skipping" in line]
+    assert skipped == [f"--resume: cannot read checkpoint {newest}: truncated or not a "
+                       "checkpoint (File is not a zip file); skipping it"]
+    assert f"resumed from {newest.with_name('step_00000001.pt')} at step 1" in result.stdout
+    again, original = ckpt.load(newest), ckpt.load(two_checkpoints / newest.name)
+    for key, value in original["model"].items():
+        assert torch.equal(again["model"][key], value), key
+
+
+def test_resume_stops_when_no_checkpoint_can_be_read(two_checkpoints, tmp_path, cache):
+    """If this fails, `--resume` with only unreadable checkpoints trains from scratch over
+    them, ends in a traceback, or does not say in one line why it stopped."""
+    folder = tmp_path / ckpt.CHECKPOINT_DIR
+    shutil.copytree(two_checkpoints, folder)
+    _truncate(folder / "step_00000002.pt")
+    (folder / "step_00000001.pt").write_text("garbage")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    result = run_module("maskrcnn.train", *tiny_flags(tmp_path, *SHORT), "--resume",
+                        cache_dir=cache)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"error: --resume: none of the 2 checkpoint(s) in {folder} can "
+                               "be read")
+    assert result.stdout.count("; skipping it") == 2
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line(tmp_path, cache):
+    """If this fails, a failed checkpoint write ends the command in a traceback, trains on
+    without its checkpoint, or damages the checkpoint before it. The write fails on a folder
+    in the way of its temporary file (as root, permissions would not stop it)."""
+    folder = tmp_path / ckpt.CHECKPOINT_DIR
+    (folder / ".step_00000002.pt.tmp").mkdir(parents=True)
+    result = run_module("maskrcnn.train", *tiny_flags(tmp_path, *SHORT), cache_dir=cache)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0] == (f"error: cannot write checkpoint {folder / 'step_00000002.pt'}: "
+                        f"[Errno {errno.EISDIR}] Is a directory: "
+                        f"'{folder / '.step_00000002.pt.tmp'}'; the checkpoints written before "
+                        "are intact")
+    assert ckpt.load(folder / "step_00000001.pt")["step"] == 1
+    assert ckpt.checkpoints(tmp_path) == [folder / "step_00000001.pt"]
