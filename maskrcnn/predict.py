@@ -1,8 +1,10 @@
 """`python -m maskrcnn.predict --checkpoint=PATH --input=IMAGE_OR_FOLDER`: draw predictions.
 
 For each image it writes <output_dir>/<image name>.png with the boxes, class names, scores and
-masks drawn, and all detections together in <output_dir>/predictions.json, a COCO-format file
-(images, categories, and annotations with scores and RLE masks).
+masks drawn at the image's own resolution, and all detections together in
+<output_dir>/predictions.json, a COCO-format file (images, categories, and annotations with
+scores and RLE masks). With --val_json, an image listed there (matched by file name) is drawn
+with its ground truth on the left and the predictions on the right, each under a title.
 """
 
 import json
@@ -16,9 +18,15 @@ from maskrcnn.cli import run_command
 from maskrcnn.config.flags import FLAGS, config_from_flags
 from maskrcnn.data.coco import DatasetError
 from maskrcnn.engine import checkpoint as ckpt
-from maskrcnn.engine.predictions import draw_predictions, predict
+from maskrcnn.engine.predictions import (
+    draw_ground_truth,
+    draw_predictions,
+    ground_truth_by_file,
+    predict,
+)
 from maskrcnn.engine.trainer import load_model_state, resolve_device
 from maskrcnn.model.maskrcnn import build_model
+from maskrcnn.visualize import side_by_side, titled
 
 flags.DEFINE_multi_string("input", [], "An image file or a folder of images. Repeatable.")
 flags.DEFINE_float("draw_threshold", 0.5, "Only detections scoring at least this are drawn.")
@@ -53,21 +61,33 @@ def main() -> None:
     paths = find_images(FLAGS.input)
     category_ids, class_names = state["category_ids"], state["class_names"]
     output_dir = Path(FLAGS.output_dir or Path(config.run.output_dir) / "predictions")
+    ground_truth, names = ground_truth_by_file(FLAGS.val_json) if FLAGS.val_json else ({}, {})
     output_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for path, (image, results) in zip(paths, predict(model, paths, config, device,
                                                      category_ids), strict=True):
         picture = output_dir / f"{path.stem}.png"
-        draw_predictions(image, results, category_ids, class_names,
-                         FLAGS.draw_threshold).save(picture)
+        drawn = draw_predictions(image, results, category_ids, class_names, FLAGS.draw_threshold)
+        shown = sum(r["score"] >= FLAGS.draw_threshold for r in results)
+        if path.name in ground_truth:
+            entry, instances = ground_truth[path.name]
+            if [entry["height"], entry["width"]] != list(image.shape[:2]):
+                raise DatasetError(f"image {path} is {image.shape[1]}x{image.shape[0]} but "
+                                   f"{FLAGS.val_json} says {entry['width']}x{entry['height']}")
+            truth = draw_ground_truth(image, instances, category_ids, names)
+            drawn = side_by_side([titled(truth, f"ground truth: {len(instances)} instances"),
+                                  titled(drawn, f"predictions: {shown} scoring >= "
+                                                f"{FLAGS.draw_threshold:g}")])
+        elif FLAGS.val_json:
+            print(f"{path}: not in {FLAGS.val_json}; predictions drawn alone")
+        drawn.save(picture)
         image_id = len(images)
         images.append({"id": image_id, "file_name": str(path), "height": image.shape[0],
                        "width": image.shape[1]})
         for r in results:
             annotations.append({**r, "id": len(annotations) + 1, "iscrowd": 0,
                                 "area": float(mask_utils.area(r["segmentation"]))})
-        print(f"{path}: {sum(r['score'] >= FLAGS.draw_threshold for r in results)} detections "
-              f"scoring >= {FLAGS.draw_threshold} drawn in {picture}")
+        print(f"{path}: {shown} detections scoring >= {FLAGS.draw_threshold} drawn in {picture}")
     categories = [{"id": c, "name": n} for c, n in zip(category_ids, class_names, strict=True)]
     path = output_dir / "predictions.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations,

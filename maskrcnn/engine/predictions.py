@@ -14,7 +14,8 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn.config import Config
 from maskrcnn.data.batch import collate
-from maskrcnn.data.coco import DatasetError
+from maskrcnn.data.coco import MIN_POLYGON_COORDS, DatasetError, read_annotations
+from maskrcnn.data.gt_masks import decode_segmentation
 from maskrcnn.data.transforms import (
     choose_canvas,
     load_image,
@@ -79,8 +80,9 @@ def predict(model: torch.nn.Module, paths: Sequence[Path], config: Config,
 
 def draw_predictions(image: np.ndarray, results: list[dict], category_ids: Sequence[int],
                      class_names: Sequence[str], threshold: float):
-    """A picture of one image's results scoring at least threshold."""
-    shown = [r for r in results if r["score"] >= threshold]
+    """A picture of one image's results scoring at least threshold, labelled by class name and
+    score (the best-scoring labels placed first), at the image's own resolution."""
+    shown = sorted((r for r in results if r["score"] >= threshold), key=lambda r: -r["score"])
     classes = [list(category_ids).index(r["category_id"]) + 1 for r in shown]
     boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in shown)],
                      np.float32).reshape(-1, 4)
@@ -88,6 +90,46 @@ def draw_predictions(image: np.ndarray, results: list[dict], category_ids: Seque
                                                                         strict=True)]
     masks = [mask_utils.decode(r["segmentation"]).astype(bool) for r in shown]
     return draw_instances(image, boxes, classes, labels, masks)
+
+
+def ground_truth_by_file(gt_json: Path) -> tuple[dict[str, tuple[dict, list[dict]]], dict]:
+    """A checked COCO annotation file as {image file name: (image entry, its annotations)},
+    and {category id: name}."""
+    data = read_annotations(Path(gt_json))
+    annotations: dict[int, list[dict]] = {}
+    for ann in data["annotations"]:
+        annotations.setdefault(ann["image_id"], []).append(ann)
+    by_file = {Path(image["file_name"]).name: (image, annotations.get(image["id"], []))
+               for image in data["images"]}
+    names = {c["id"]: c.get("name", str(c["id"])) for c in data["categories"]}
+    return by_file, names
+
+
+def draw_ground_truth(image: np.ndarray, annotations: list[dict], category_ids: Sequence[int],
+                      names: dict[int, str]):
+    """A picture of one image's annotations (crowd regions labelled as such), coloured as
+    draw_predictions colours the same classes, the largest instances' labels placed first."""
+    height, width = image.shape[:2]
+    annotations = sorted(annotations, key=lambda a: -a["bbox"][2] * a["bbox"][3])
+    ids = list(category_ids)
+    classes = [ids.index(a["category_id"]) + 1 if a["category_id"] in ids else a["category_id"]
+               for a in annotations]
+    boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in annotations)],
+                     np.float32).reshape(-1, 4)
+    labels = [names[a["category_id"]] + (" (crowd)" if a.get("iscrowd") else "")
+              for a in annotations]
+    masks = [_annotation_mask(a["segmentation"], height, width) for a in annotations]
+    return draw_instances(image, boxes, classes, labels, masks)
+
+
+def _annotation_mask(segm, height: int, width: int) -> np.ndarray:
+    """bool[height, width] of a COCO segmentation, without its polygons of fewer than 3
+    points (pycocotools would read a 4-number polygon as a box)."""
+    if isinstance(segm, list):
+        segm = [polygon for polygon in segm if len(polygon) >= MIN_POLYGON_COORDS]
+        if not segm:
+            return np.zeros((height, width), bool)
+    return decode_segmentation(segm, height, width).astype(bool)
 
 
 def draw_dataset_predictions(trainer, count: int, threshold: float = 0.5):

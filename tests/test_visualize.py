@@ -1,0 +1,46 @@
+"""Pictures for people: labels that stay readable, mask outlines, the image's own size."""
+
+import numpy as np
+
+from maskrcnn.visualize import _overlap, draw_instances, outline, place_label, titled
+
+
+def test_labels_of_crowded_boxes_do_not_overlap():
+    """If this fails, the labels of boxes that share a corner are drawn over each other
+    (what made class names and scores unreadable where objects crowd together)."""
+    taken = []
+    box = (100, 100, 160, 150)  # three detections of nearly the same box
+    tags = [place_label(box, (50, 14), 640, 480, taken) for _ in range(3)]
+    assert len(taken) == 3
+    assert all(_overlap(a, b) == 0 for i, a in enumerate(tags) for b in tags[i + 1:])
+    assert tags[0] == (100, 86, 150, 100)  # the first goes above the box's top-left corner
+
+
+def test_labels_stay_inside_the_image():
+    """If this fails, a label of a box at the image's edge is cut off."""
+    tag = place_label((600, 0, 640, 30), (60, 14), 640, 480, [])
+    assert tag[0] >= 0 and tag[1] >= 0 and tag[2] <= 640 and tag[3] <= 480
+
+
+def test_outline_is_the_border_of_the_mask():
+    """If this fails, masks are drawn without their outline, or the outline leaks outside
+    the mask or fills it."""
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 5:15] = True
+    border = outline(mask, 2)
+    assert border[5, 5] and border[6, 10] and not border[7, 10] and not border[10, 10]
+    assert not (border & ~mask).any() and border.sum() == 100 - 36
+
+
+def test_pictures_keep_the_image_size_and_titles_add_a_band():
+    """If this fails, predictions are drawn at another resolution than the image's own."""
+    image = np.full((48, 64, 3), 128, np.uint8)
+    mask = np.zeros((48, 64), bool)
+    mask[10:30, 10:40] = True
+    picture = draw_instances(image, np.array([[10, 10, 40, 30]], np.float32), [1],
+                             ["person 0.97"], [mask])
+    assert picture.size == (64, 48)
+    drawn = np.asarray(picture)
+    assert (drawn[20, 20] != 128).any()  # the mask is drawn
+    with_title = titled(picture, "predictions")
+    assert with_title.width == 64 and with_title.height > 48
