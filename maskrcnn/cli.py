@@ -1,4 +1,10 @@
-"""Running a command: absl parses the flags; bad input ends in one line, not a traceback."""
+"""Running a command: absl parses the flags; bad input ends in one line, not a traceback.
+
+Exit statuses: 0 done; 2 an error of the input or the run (one line on stderr: a config,
+dataset or checkpoint error, a checkpoint that cannot be written, a non-finite loss, a failed
+collective); 130 / 143 training stopped on SIGINT / SIGTERM after writing a checkpoint (128 +
+the signal's number; the trainer printed its line); absl's usage errors exit with 1.
+"""
 
 import sys
 from collections.abc import Callable
@@ -9,7 +15,7 @@ from maskrcnn.config import ConfigError
 from maskrcnn.data.coco import DatasetError
 from maskrcnn.engine.checkpoint import CheckpointError
 from maskrcnn.engine.distributed import DistributedError
-from maskrcnn.engine.trainer import NonFiniteLossError
+from maskrcnn.engine.trainer import NonFiniteLossError, TrainingStopped
 
 
 def _one_line(error: Exception) -> str:
@@ -22,8 +28,9 @@ def _one_line(error: Exception) -> str:
 
 
 def run_command(main: Callable[[], None]) -> None:
-    """Parses flags and runs main(); bad input (config, data, checkpoint), a non-finite loss
-    and a failed collective (another rank died or hung) exit with one line."""
+    """Parses flags and runs main(); bad input (config, data, checkpoint), a checkpoint that
+    cannot be written, a non-finite loss and a failed collective (another rank died or hung)
+    exit with one line; training stopped on a signal exits with that signal's status."""
 
     def absl_main(argv: list[str]) -> None:
         if len(argv) > 1:
@@ -34,5 +41,7 @@ def run_command(main: Callable[[], None]) -> None:
                 DistributedError) as error:
             print(f"error: {_one_line(error)}", file=sys.stderr)
             sys.exit(2)
+        except TrainingStopped as stopped:
+            sys.exit(stopped.exit_code)
 
     app.run(absl_main)

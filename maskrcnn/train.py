@@ -6,12 +6,17 @@ and writes <output_dir>/predictions.png. `--resume` continues from the latest ch
 output dir that can be read (saying which newer ones it skipped and why); when there are
 checkpoints but none can be read, it stops (exit status 2) rather than train over them.
 
+SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C) stops training after the current step with
+a checkpoint and one line; the exit status is 143 for SIGTERM, 130 for SIGINT (128 + the
+signal's number), and `--resume` continues bit-identically (engine/trainer.py).
+
 Data parallel: `torchrun --nproc_per_node=N -m maskrcnn.train --config=8x4 ...` (one process
 per GPU; NCCL on GPUs, Gloo on the CPU). The processes started define the global batch
 (N x run.images_per_gpu, whatever run.num_gpus says; the resolved config records N) and so the
 LR. Only rank 0 prints, writes the config, events, checkpoints and the picture.
 """
 
+import signal
 from pathlib import Path
 
 from absl import flags
@@ -24,7 +29,13 @@ from maskrcnn.data.loader import resolve_data_paths
 from maskrcnn.engine import checkpoint as ckpt
 from maskrcnn.engine import distributed
 from maskrcnn.engine.predictions import draw_dataset_predictions
-from maskrcnn.engine.trainer import Trainer, fit_world_size, resolve_device
+from maskrcnn.engine.trainer import (
+    STOP_SIGNALS,
+    Trainer,
+    TrainingStopped,
+    fit_world_size,
+    resolve_device,
+)
 
 flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in the output dir.")
 flags.DEFINE_integer("debug_exit_after_step", 0, "Testing: end the process abruptly (as if "
@@ -93,6 +104,12 @@ def main() -> None:
     process = distributed.init(resolve_device(FLAGS.device), FLAGS.dist_timeout_s)
     try:
         train(config, process)
+    except TrainingStopped:
+        # From here the process only ends. Under torchrun the first worker to end makes it
+        # send SIGTERM to the others, which must not cut their exit (and its status) short.
+        for number in STOP_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+        raise
     finally:
         distributed.shutdown()
 

@@ -14,14 +14,24 @@ global batch (distributed.global_counts), and DDP averages the gradients. Logged
 averaged over the ranks and the non-finite check sees every rank's, so all ranks stop together.
 
 Faults (the commands turn each into one line and an exit status, cli.py):
+- SIGTERM or SIGINT (preemption, Ctrl-C) while training: the current step finishes, rank 0
+  writes a checkpoint of it and prints one line ("received SIGTERM: stopped after step 37,
+  checkpoint written to ...; continue with --resume"), and every rank raises TrainingStopped,
+  whose exit status is 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), as a shell
+  reports a process a signal ended. With several processes they first agree on the step
+  (Trainer._stop_signal). A second signal does not cut the stop short (StopSignals); the
+  DataLoader workers ignore both (workers_ignore_stop_signals).
 - A checkpoint that cannot be written (a full disk): CheckpointError on every rank, the
   checkpoints before it intact (checkpoint.save_atomic).
 - --resume skips checkpoints that cannot be read (checkpoint.load_latest).
 """
 
+import functools
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +39,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from maskrcnn.config import Config, to_text
@@ -55,10 +66,76 @@ from maskrcnn.model.maskrcnn import MaskRCNN, build_model
 from maskrcnn.model.sampling import global_batch_keys
 
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite."""
+
+
+class TrainingStopped(Exception):
+    """Training stopped on a signal, after writing a checkpoint and (rank 0) printing a line.
+
+    exit_code: 128 + the signal's number (143 for SIGTERM, 130 for SIGINT)."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(f"stopped on {signal.Signals(signal_number).name}")
+        self.exit_code = 128 + signal_number
+
+
+class StopSignals:
+    """While inside (a context manager), SIGTERM and SIGINT are recorded instead of acted on;
+    the handlers from before are put back on leaving, also on an error.
+
+    received: the number of the signal received, 0 before any; SIGTERM when both were (as
+    across ranks, Trainer._stop_signal: Python runs the handlers of signals that arrived
+    together in number order, so "the first" is not always known). A repeat changes nothing
+    else: stopping finishes the step and writes the checkpoint, which a second signal must
+    not cut short (torchrun passes the terminal's Ctrl-C on to workers that got it already,
+    and sends SIGTERM to the other workers when one ends); SIGKILL stops at once, and even
+    then the checkpoints written before are intact (the write is atomic). DataLoader workers
+    ignore both (workers_ignore_stop_signals). Outside the main thread, where Python cannot
+    set handlers, nothing is installed and nothing is received.
+    """
+
+    def __init__(self):
+        self.received = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for number in STOP_SIGNALS:
+                self._previous[number] = signal.signal(number, self._record)
+        return self
+
+    def _record(self, number: int, frame) -> None:
+        self.received = max(self.received, number)
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            # None: a handler set outside Python, which cannot be put back; the default then.
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+
+def _worker_ignoring_stop_signals(worker_id: int, init=None) -> None:
+    """A DataLoader worker's start: it ignores SIGTERM and SIGINT, which are the training
+    process's to act on, and ends with that process (it watches its parent). Signals reach
+    the workers too: torchrun sends SIGTERM to each rank's whole process group, SLURM to every
+    process of the job step, the terminal Ctrl-C's SIGINT to its foreground group; a worker
+    ended by one would fail the steps the ranks still take before they agree to stop."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    if init is not None:
+        init(worker_id)
+
+
+def workers_ignore_stop_signals(loader: DataLoader) -> DataLoader:
+    """loader, its workers started by _worker_ignoring_stop_signals (then by its own
+    worker_init_fn, if any). Set before its first iterator, which starts the workers."""
+    loader.worker_init_fn = functools.partial(_worker_ignoring_stop_signals,
+                                              init=loader.worker_init_fn)
+    return loader
 
 
 def resolve_device(name: str) -> torch.device:
@@ -179,6 +256,7 @@ class Trainer:
         dataset = build_dataset(config, self.train_coco, train=True)
         self.loader, self.sampler = build_train_loader(config, dataset, rank=rank,
                                                        world_size=world_size)
+        workers_ignore_stop_signals(self.loader)
         self.schedule = make_schedule(config, len(dataset), self.sampler.steps_per_epoch)
 
         self.model = build_model(config).to(device)
@@ -237,11 +315,14 @@ class Trainer:
             "class_names": list(self.train_coco.class_names),
         }
 
-    def save_checkpoint(self) -> Path | None:
+    def save_checkpoint(self, stop_signal: int = 0) -> Path | None:
         """Rank 0 writes the checkpoint of this step (and returns its path; None on the other
         ranks). Every rank returns once it is written, or raises the CheckpointError of a
         failed write, so that all stop together with its line (rather than the others failing
         at their next collective, naming only a lost peer).
+
+        stop_signal: the signal the run stops on after this checkpoint; its line replaces
+        "checkpoint written to", and is out (flushed) before any other rank can end.
         """
         self._check_parameters_finite()  # on every rank, so that all stop together
         path, error = None, None
@@ -252,7 +333,10 @@ class Trainer:
             except ckpt.CheckpointError as failed:
                 error = str(failed)
             else:
-                self.log(f"checkpoint written to {path}")
+                self.log(f"received {signal.Signals(stop_signal).name}: stopped after step "
+                         f"{self.step}, checkpoint written to {path}; continue with --resume"
+                         if stop_signal else f"checkpoint written to {path}")
+                sys.stdout.flush()
         if self.world_size > 1:
             error = distributed.broadcast_from_main(error, "waiting for rank 0 to write the "
                                                     "checkpoint")
@@ -339,15 +423,24 @@ class Trainer:
         if self.val_coco is None:
             return {}
         dataset = build_dataset(self.config, self.val_coco, train=False)
-        loader = build_eval_loader(self.config, dataset, rank=self.rank,
-                                   world_size=self.world_size)
+        loader = workers_ignore_stop_signals(build_eval_loader(
+            self.config, dataset, rank=self.rank, world_size=self.world_size))
         return evaluate(unwrap(self.model), loader, self.val_json,
                         self.val_coco.category_ids, self.output_dir, self.device,
                         self.autocast_dtype, coco_eval=self.config.run.coco_eval,
                         log=self.log)
 
     def train(self, exit_after_step: int = 0, exit_rank: int = -1) -> TrainResult:
-        """Trains to the end of the schedule from self.step (0, or where resume left off).
+        """Trains to the end of the schedule from self.step (0, or where resume left off), then
+        evaluates; resumed at the end of the schedule (a run stopped after its last step), it
+        only evaluates.
+
+        While it trains, SIGTERM or SIGINT stops the run after the current step (with several
+        processes, after the first step where they agree, _stop_signal): the checkpoint of that
+        step, one line, then TrainingStopped on every rank. A mid-run evaluation is not cut
+        short (the check comes after it). The final evaluation runs with the signal handlers
+        from before, as they are when this returns or raises: the run is complete by then, and
+        a signal ends it as one outside training would.
 
         exit_after_step: test hook; the process ends abruptly (os._exit(17), as if killed)
         right after that step and any checkpoint due at it; only rank exit_rank does if it
@@ -363,58 +456,96 @@ class Trainer:
         sums = torch.zeros(len(LOSS_KEYS), device=self.device)
         first_bad = torch.full((len(LOSS_KEYS),), -1, dtype=torch.int64, device=self.device)
         interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
-        metrics: dict[str, float] = {}
         last_checkpoint = None
         # The bar only on a terminal; log lines (with their own ETA) go everywhere.
         progress = tqdm(total=schedule.total_steps, initial=self.step, unit="step",
                         disable=not (self.is_main and sys.stderr.isatty()), dynamic_ncols=True,
                         file=sys.stderr)
-        while self.step < schedule.total_steps:
-            epoch = schedule.epoch_of(self.step)
-            self.sampler.set_epoch(epoch, self.step - epoch * schedule.steps_per_epoch)
-            batches = iter(self.loader)
-            while True:
-                wait_start = time.perf_counter()
-                batch = next(batches, None)
-                data_wait += time.perf_counter() - wait_start
-                if batch is None:
-                    break
-                losses = self.train_step(batch.to(self.device))
-                sums += losses
-                bad = ~torch.isfinite(losses) & (first_bad < 0)
-                first_bad = torch.where(bad, self.step, first_bad)
-                self.step += 1
-                interval_steps += 1
-                progress.update(1)
-                end_of_epoch = self.step % schedule.steps_per_epoch == 0
-                done_epochs = self.step // schedule.steps_per_epoch
-                last = self.step == schedule.total_steps
-                if self.step % period == 0 or last:
-                    self._report(sums, first_bad, interval_steps,
-                                 time.perf_counter() - interval_start, data_wait, events)
-                    sums.zero_()
-                    interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
-                if (last or (config.run.checkpoint_period_steps
-                             and self.step % config.run.checkpoint_period_steps == 0)
-                        or (end_of_epoch and config.run.checkpoint_period_epochs
-                            and done_epochs % config.run.checkpoint_period_epochs == 0)):
-                    self._raise_if_bad(first_bad)
-                    last_checkpoint = self.save_checkpoint() or last_checkpoint
-                if last or (end_of_epoch and config.run.eval_period_epochs
-                            and done_epochs % config.run.eval_period_epochs == 0):
-                    metrics = self.evaluate()
-                    if events is not None and metrics:
-                        events.scalars(self.step, metrics)
-                    interval_start = time.perf_counter()  # evaluation is not training time
-                if self.step == exit_after_step and exit_rank in (-1, self.rank):
-                    sys.stdout.flush()
-                    os._exit(17)
-                if last:
-                    break
-        progress.close()
-        if events is not None:
-            events.close()
+        try:
+            with StopSignals() as signals:
+                while self.step < schedule.total_steps:
+                    epoch = schedule.epoch_of(self.step)
+                    self.sampler.set_epoch(epoch, self.step - epoch * schedule.steps_per_epoch)
+                    batches = iter(self.loader)
+                    while True:
+                        wait_start = time.perf_counter()
+                        batch = next(batches, None)
+                        data_wait += time.perf_counter() - wait_start
+                        if batch is None:
+                            break
+                        losses = self.train_step(batch.to(self.device))
+                        sums += losses
+                        bad = ~torch.isfinite(losses) & (first_bad < 0)
+                        first_bad = torch.where(bad, self.step, first_bad)
+                        self.step += 1
+                        interval_steps += 1
+                        progress.update(1)
+                        end_of_epoch = self.step % schedule.steps_per_epoch == 0
+                        done_epochs = self.step // schedule.steps_per_epoch
+                        last = self.step == schedule.total_steps
+                        logging = self.step % period == 0 or last
+                        evaluating = not last and bool(  # mid-run; the final one below
+                            end_of_epoch and config.run.eval_period_epochs
+                            and done_epochs % config.run.eval_period_epochs == 0)
+                        if logging:
+                            self._report(sums, first_bad, interval_steps,
+                                         time.perf_counter() - interval_start, data_wait, events)
+                            sums.zero_()
+                            interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+                        stop = self._stop_signal(signals.received, logging or evaluating)
+                        if (stop or last or (config.run.checkpoint_period_steps and self.step
+                                             % config.run.checkpoint_period_steps == 0)
+                                or (end_of_epoch and config.run.checkpoint_period_epochs
+                                    and done_epochs % config.run.checkpoint_period_epochs == 0)):
+                            self._raise_if_bad(first_bad)
+                            last_checkpoint = self.save_checkpoint(stop) or last_checkpoint
+                        if stop:
+                            raise TrainingStopped(stop)
+                        if evaluating:
+                            self._evaluate(events)
+                            interval_start = time.perf_counter()  # not training time
+                        if self.step == exit_after_step and exit_rank in (-1, self.rank):
+                            sys.stdout.flush()
+                            os._exit(17)
+                        if last:
+                            break
+            metrics = self._evaluate(events)
+        finally:
+            progress.close()
+            if events is not None:
+                events.close()
         return TrainResult(self.step, metrics, last_checkpoint)
+
+    def _evaluate(self, events: EventWriter | None) -> dict[str, float]:
+        metrics = self.evaluate()
+        if events is not None and metrics:
+            events.scalars(self.step, metrics)
+        return metrics
+
+    def _stop_signal(self, received: int, agreeing: bool) -> int:
+        """The number of the signal the run stops on after this step, or 0 to go on.
+
+        received: this process's StopSignals.received. One process stops after the step in
+        which the signal came: the check reads a Python attribute, free. Several must stop
+        after the same step, whichever of them got a signal and in which step (torchrun passes
+        a SIGTERM on to every worker, but each gets it where it is; a `kill` may reach one),
+        so they agree with an all_reduce(MAX) of their signal numbers. Its answer decides what
+        the host does next, a host read that on a GPU waits for the queued work, so they
+        agree only at steps where the host reads anyway (agreeing): log steps, just after the
+        all_reduce and read of the logged losses (every run.log_period_steps, default 20, and
+        the last step), and mid-run evaluation steps, whose evaluation a stop then skips. Not
+        every step, and not piggybacked on the step's own collectives: those stay on the
+        device, and reading theirs would be the same host read per step. A signal thus stops
+        several processes at most log_period_steps steps after it reached any of them.
+        """
+        if self.world_size == 1:
+            return received
+        if not agreeing:
+            return 0
+        flag = torch.tensor([received], dtype=torch.int64, device=self.device)
+        distributed.all_reduce_(flag, torch.distributed.ReduceOp.MAX,
+                                "all_reduce of the stop request")
+        return int(flag.item())
 
     def _raise_if_bad(self, first_bad: torch.Tensor) -> None:
         """Stops at the first non-finite loss of any rank (all ranks stop together)."""

@@ -1,5 +1,5 @@
 """Data parallelism on the CPU (Gloo): the same maths as one process, sharded evaluation,
-resuming on another number of processes, and no hangs.
+resuming on another number of processes, stopping on a signal, and no hangs.
 
 Processes are started with torch.multiprocessing (workers that drive the engine directly) or
 with `python -m torch.distributed.run` (the commands as a user runs them). Every process runs
@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from maskrcnn.engine.evaluate import evaluate
 from maskrcnn.engine.trainer import Trainer
 from maskrcnn.model.maskrcnn import build_model
 from maskrcnn.model.sampling import global_batch_keys, uniform_keys
+from tests.engine.signalling import signal_once_started
 from tests.tiny import REPO, TINY, tiny_flags
 
 M = 2  # images per process
@@ -48,6 +50,10 @@ EQUIVALENCE = ("solver { epochs: 1 images_per_epoch: 16 warmup_steps: 2 lr_decay
 # The command-line runs: 2 epochs of 8 images; with 2 processes of 2 images, 2 steps an epoch,
 # a checkpoint every 3 steps (mid-epoch 1) and at the end (step 4), evaluation at the end.
 CLI_RUN = ["run { checkpoint_period_steps: 3 }"]
+# The signalled runs: 30 epochs of 8 images (60 steps of 2 x 2 images), long enough that a
+# signal sent at step 2's log line lands mid-run; the ranks agree on stopping at log steps
+# (every 2 steps here).
+SIGNALLED_RUN = ["solver { epochs: 30 images_per_epoch: 8 warmup_steps: 2 lr_decay_epochs: [20] }"]
 TIMEOUT_S = 60  # for runs that must not time out; the killed-rank run must end well before
 
 
@@ -210,16 +216,23 @@ def test_a_collective_that_waits_too_long_names_the_rank_and_the_operation(two_r
 
 # ---------------------------------------------------------------- commands under torchrun
 
+def _env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "MASKRCNN_CACHE": str(cache), "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": ""}  # CPU ranks (Gloo), also on a machine with a GPU
+
+
 def _run(args: list[str], cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MASKRCNN_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": ""}  # CPU ranks (Gloo), also on a machine with a GPU
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=_env(cache),
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _torchrun_args(module: str, *flags: str) -> list[str]:
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", module,
+            f"--dist_timeout_s={TIMEOUT_S}", *flags]
 
 
 def _torchrun(module: str, *flags: str, cache: Path) -> subprocess.CompletedProcess:
-    return _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                 "-m", module, f"--dist_timeout_s={TIMEOUT_S}", *flags], cache)
+    return _run(_torchrun_args(module, *flags), cache)
 
 
 @pytest.fixture(scope="module")
@@ -333,3 +346,47 @@ def test_one_gpu_for_every_process_is_refused(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ConfigError, match=r"--device=cuda:1 names one GPU"):
         distributed.init(torch.device("cuda", 1), 10)
+
+
+def _worker_pid(torchrun_pid: int, rank: int) -> int:
+    """The process of `rank` that torchrun started (its child with RANK=rank), from /proc."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "(name)"
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        if parent == torchrun_pid and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"torchrun {torchrun_pid} has no rank {rank}")
+
+
+@pytest.mark.parametrize("target", ["torchrun", "rank 1"])
+def test_sigterm_stops_every_rank_after_one_step_with_rank_0s_checkpoint(tmp_path, cache,
+                                                                          target):
+    """If this fails, a SIGTERM under torchrun (passed on to every worker, each where it is,
+    or sent to one worker alone) does not stop all ranks after the same step: a rank waits
+    in a collective for the others (the job hangs until the timeout, or fails naming a lost
+    peer), torchrun has to kill a worker, or the checkpoint of that step, written by rank 0,
+    and its one line are missing; or our processes end in a traceback."""
+
+    def terminate(process):
+        os.kill(process.pid if target == "torchrun" else _worker_pid(process.pid, 1),
+                signal.SIGTERM)
+
+    result, seconds = signal_once_started(_torchrun_args("maskrcnn.train",
+                                                         *tiny_flags(tmp_path, *SIGNALLED_RUN)),
+                                          _env(cache), terminate, timeout_s=4 * TIMEOUT_S)
+    assert result.returncode != 0 and seconds < TIMEOUT_S, (seconds, result.stderr[-3000:])
+    (path,) = ckpt.checkpoints(tmp_path)
+    step = ckpt.load(path)["step"]
+    assert step % 2 == 0 and 2 <= step < 60  # a log step, mid-run
+    assert [line for line in result.stdout.splitlines() if "received" in line] == [
+        f"received SIGTERM: stopped after step {step}, checkpoint written to {path}; "
+        "continue with --resume"]
+    assert "error:" not in result.stderr and "forcefully exiting" not in result.stderr
+    assert not re.search(r'File ".*/maskrcnn/', result.stderr), result.stderr[-3000:]
+    if target == "rank 1":  # torchrun lists the workers that ended with an error status
+        statuses = re.findall(r"rank\s*:\s*(\d) \(local_rank: \d\)\s*\n\s*exitcode\s*:\s*(-?\d+)",
+                              result.stderr)
+        assert sorted(statuses) == [("0", "143"), ("1", "143")], result.stderr[-3000:]
