@@ -159,7 +159,9 @@ def test_two_processes_train_like_one_process_with_the_global_batch(two_ranks, o
     for name, value in ranks[0]["params"].items():
         if not value.is_floating_point():
             continue
-        error = (value - reference[name]).norm() / reference[name].norm().clamp(min=1e-12)
+        # Relative to the parameter's size, but not below 1e-4: a parameter that stays near 0
+        # (a GroupNorm bias of norm 2e-7 after 3 steps) shows only rounding (6e-12) there.
+        error = (value - reference[name]).norm() / reference[name].norm().clamp(min=1e-4)
         assert error <= 1e-5, (name, float(error))
         moved += not torch.equal(reference[name], initial[name])
     assert moved > 10  # the steps changed the parameters: the comparison means something
