@@ -461,6 +461,7 @@ class Trainer:
         progress = tqdm(total=schedule.total_steps, initial=self.step, unit="step",
                         disable=not (self.is_main and sys.stderr.isatty()), dynamic_ncols=True,
                         file=sys.stderr)
+        batches = None
         try:
             with StopSignals() as signals:
                 while self.step < schedule.total_steps:
@@ -509,12 +510,25 @@ class Trainer:
                             os._exit(17)
                         if last:
                             break
+            batches = None
+            self._end_workers()
             metrics = self._evaluate(events)
         finally:
+            batches = None
+            self._end_workers()
             progress.close()
             if events is not None:
                 events.close()
         return TrainResult(self.step, metrics, last_checkpoint)
+
+    def _end_workers(self) -> None:
+        """Ends the training loader's workers (call once no iterator of it is referenced).
+        They ignore SIGTERM, so they must not outlive training: at interpreter exit
+        multiprocessing ends its child processes with SIGTERM and then waits for them, and a
+        script that still holds its Trainer would hang there. With persistent workers torch
+        keeps them in the loader's `_iterator`; dropping it shuts them down through their
+        queues. The next train() starts new ones."""
+        self.loader._iterator = None
 
     def _evaluate(self, events: EventWriter | None) -> dict[str, float]:
         metrics = self.evaluate()

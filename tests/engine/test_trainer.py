@@ -3,6 +3,8 @@ stop, outputs."""
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from maskrcnn.engine import checkpoint as ckpt
 from maskrcnn.engine.events import read_scalars
 from maskrcnn.engine.trainer import STOP_SIGNALS, NonFiniteLossError, Trainer, TrainingStopped
 from tests.engine.signalling import signal_once_started
-from tests.tiny import TINY, run_module, tiny_flags
+from tests.tiny import REPO, TINY, run_module, tiny_flags
 
 # 12 epochs of 2 steps (4 images, 2 per step): long enough that a signal sent at the log line
 # of step 2 lands mid-run, and the kill at step 9 is in the middle of epoch 4.
@@ -239,3 +241,23 @@ def test_training_step_in_each_precision_and_layout(tmp_path, cache, run):
         if any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)):
             break
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_a_script_that_keeps_its_trainer_exits(tmp_path, cache):
+    """If this fails, a Python script that trains with data workers and still holds its
+    Trainer hangs at exit: the workers ignore SIGTERM (the training process acts on it), and
+    multiprocessing ends its children at exit with SIGTERM and then waits for them."""
+    script = (
+        "import torch\n"
+        "from maskrcnn.config import load_config\n"
+        "from maskrcnn.engine.trainer import Trainer\n"
+        "from tests.tiny import TINY\n"
+        f"config = load_config('shapes', [*TINY, {SHORT!r}, 'data {{ num_workers: 2 }}',"
+        f" \"run {{ output_dir: '{tmp_path}' }}\"])\n"
+        "trainer = Trainer(config, torch.device('cpu'), log=lambda text: None)\n"
+        "trainer.train()\n"
+        "print('trained')\n")
+    env = {**os.environ, "MASKRCNN_CACHE": str(cache), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, timeout=300,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-3000:]
