@@ -15,16 +15,7 @@ from maskrcnn.config import ConfigError
 from maskrcnn.data.coco import DatasetError
 from maskrcnn.engine.checkpoint import CheckpointError
 from maskrcnn.engine.distributed import DistributedError
-from maskrcnn.engine.trainer import NonFiniteLossError, TrainingStopped
-
-
-def _one_line(error: Exception) -> str:
-    """The user's message of an error. An error raised in a DataLoader worker arrives wrapped
-    with the worker's traceback; its last line is the original "module.Class: message"."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
+from maskrcnn.engine.trainer import NonFiniteLossError, TrainingStopped, user_message
 
 
 def run_command(main: Callable[[], None]) -> None:
@@ -39,7 +30,7 @@ def run_command(main: Callable[[], None]) -> None:
             main()
         except (ConfigError, DatasetError, CheckpointError, NonFiniteLossError,
                 DistributedError) as error:
-            print(f"error: {_one_line(error)}", file=sys.stderr)
+            print(f"error: {user_message(error)}", file=sys.stderr)
             sys.exit(2)
         except TrainingStopped as stopped:
             sys.exit(stopped.exit_code)

@@ -9,7 +9,6 @@ import json
 import re
 import shlex
 import time
-from pathlib import Path
 
 import pytest
 import torch

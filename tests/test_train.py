@@ -1,10 +1,14 @@
 """The main job as a user runs it: flags, one-line errors, outputs."""
 
 import json
+import os
 
 import pytest
+import torch
 from PIL import Image
 
+from maskrcnn.config import load_config
+from maskrcnn.engine.trainer import Trainer
 from tests.tiny import REPO, TINY, run_module
 
 SHORT = "solver { epochs: 1 images_per_epoch: 4 warmup_steps: 1 lr_decay_epochs: [1] }"
@@ -93,3 +97,41 @@ def test_malformed_real_annotation_file_is_one_line(tmp_path, mutate, message):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
     assert lines[0].startswith(f"error: annotation file {path}") and message in lines[0]
+
+
+def test_corrupt_image_mid_run_keeps_the_steps_done(tmp_path):
+    """If this fails, an image that turns out corrupt in the middle of a run throws away the
+    steps trained since the last checkpoint (here: none was due), or --resume cannot go on
+    from them once the image is fixed."""
+    schedule = "solver { epochs: 2 images_per_epoch: 8 warmup_steps: 1 lr_decay_epochs: [1] }"
+    overrides = [*TINY, schedule, "data { num_workers: 2 }"]
+    out = tmp_path / "run"
+    cache = tmp_path / "cache"
+    config = load_config("shapes", [*overrides, f"run {{ output_dir: '{out}' }}"])
+    os.environ["MASKRCNN_CACHE"] = str(cache)
+    try:
+        trainer = Trainer(config, torch.device("cpu"), log=lambda text: None)
+    finally:
+        del os.environ["MASKRCNN_CACHE"]
+    seen = set()
+    for epoch in (0, 1):
+        trainer.sampler.set_epoch(epoch)
+        order = [index for batch in trainer.sampler for index, _ in batch]
+        if epoch == 0:
+            seen = set(order)
+    # The first image of epoch 1 (steps 4 to 7) that epoch 0 did not read, and the steps
+    # done before its batch.
+    position = next(k for k, i in enumerate(order) if i not in seen)
+    victim = trainer.train_coco.records[order[position]].path
+    steps = 4 + position // 2
+    original = victim.read_bytes()
+    victim.write_bytes(b"corrupt")
+    result = run_train(tmp_path, f"--output_dir={out}", overrides=overrides)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert f"cannot read image {victim}" in lines[0]
+    assert f"the {steps} steps done are in" in lines[0] and f"step_{steps:08d}.pt" in lines[0]
+    victim.write_bytes(original)
+    resumed = run_train(tmp_path, f"--output_dir={out}", "--resume", overrides=overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and f"at step {steps}" in resumed.stdout

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from maskrcnn.config import Config, to_text
 from maskrcnn.config.config_pb2 import BF16, FP16
 from maskrcnn.data.batch import Batch
+from maskrcnn.data.coco import DatasetError
 from maskrcnn.data.loader import (
     build_dataset,
     build_eval_loader,
@@ -136,6 +137,15 @@ def workers_ignore_stop_signals(loader: DataLoader) -> DataLoader:
     loader.worker_init_fn = functools.partial(_worker_ignoring_stop_signals,
                                               init=loader.worker_init_fn)
     return loader
+
+
+def user_message(error: Exception) -> str:
+    """The user's message of an error. An error raised in a DataLoader worker arrives wrapped
+    with the worker's traceback; its last line is the original "module.Class: message"."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def resolve_device(name: str) -> torch.device:
@@ -470,7 +480,10 @@ class Trainer:
                     batches = iter(self.loader)
                     while True:
                         wait_start = time.perf_counter()
-                        batch = next(batches, None)
+                        try:
+                            batch = next(batches, None)
+                        except DatasetError as error:
+                            raise self._keep_work(error, first_bad) from None
                         data_wait += time.perf_counter() - wait_start
                         if batch is None:
                             break
@@ -521,14 +534,33 @@ class Trainer:
                 events.close()
         return TrainResult(self.step, metrics, last_checkpoint)
 
+    def _keep_work(self, error: DatasetError, first_bad: torch.Tensor) -> DatasetError:
+        """The error for a bad image (or annotation) met in the middle of a run, after the
+        steps done so far are saved: with one process, the checkpoint of this step is written
+        first (unless it is on disk already, or no step was taken), so that --resume continues
+        from here once the file is fixed. With several, the other ranks are blocked in their
+        next collective; they stop at its timeout, and the run keeps its last checkpoint."""
+        message = user_message(error)
+        if self.world_size > 1 or self.step == 0:
+            return DatasetError(message)
+        path = ckpt.checkpoint_path(self.output_dir, self.step)
+        if not path.exists():
+            self._raise_if_bad(first_bad)
+            self.save_checkpoint()
+        return DatasetError(f"{message}; the {self.step} steps done are in {path}: fix or "
+                            "remove the file, then continue with --resume")
+
     def _end_workers(self) -> None:
         """Ends the training loader's workers (call once no iterator of it is referenced).
         They ignore SIGTERM, so they must not outlive training: at interpreter exit
         multiprocessing ends its child processes with SIGTERM and then waits for them, and a
-        script that still holds its Trainer would hang there. With persistent workers torch
-        keeps them in the loader's `_iterator`; dropping it shuts them down through their
-        queues. The next train() starts new ones."""
-        self.loader._iterator = None
+        script that still holds its Trainer, or an error's traceback that holds the loader's
+        iterator, would hang there. With persistent workers torch keeps them in the loader's
+        `_iterator`; its _shutdown_workers (what its __del__ calls) ends them through their
+        queues, whoever still refers to it. The next train() starts new ones."""
+        iterator, self.loader._iterator = self.loader._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     def _evaluate(self, events: EventWriter | None) -> dict[str, float]:
         metrics = self.evaluate()
