@@ -1,7 +1,6 @@
 """The main job as a user runs it: flags, one-line errors, outputs."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -99,7 +98,7 @@ def test_malformed_real_annotation_file_is_one_line(tmp_path, mutate, message):
     assert lines[0].startswith(f"error: annotation file {path}") and message in lines[0]
 
 
-def test_corrupt_image_mid_run_keeps_the_steps_done(tmp_path):
+def test_corrupt_image_mid_run_keeps_the_steps_done(tmp_path, monkeypatch):
     """If this fails, an image that turns out corrupt in the middle of a run throws away the
     steps trained since the last checkpoint (here: none was due), or --resume cannot go on
     from them once the image is fixed."""
@@ -108,11 +107,8 @@ def test_corrupt_image_mid_run_keeps_the_steps_done(tmp_path):
     out = tmp_path / "run"
     cache = tmp_path / "cache"
     config = load_config("shapes", [*overrides, f"run {{ output_dir: '{out}' }}"])
-    os.environ["MASKRCNN_CACHE"] = str(cache)
-    try:
-        trainer = Trainer(config, torch.device("cpu"), log=lambda text: None)
-    finally:
-        del os.environ["MASKRCNN_CACHE"]
+    monkeypatch.setenv("MASKRCNN_CACHE", str(cache))
+    trainer = Trainer(config, torch.device("cpu"), log=lambda text: None)
     seen = set()
     for epoch in (0, 1):
         trainer.sampler.set_epoch(epoch)
