@@ -89,10 +89,15 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     """A finite JSON number (json.load also accepts NaN and Infinity)."""
     return (isinstance(value, int | float) and not isinstance(value, bool)
             and math.isfinite(value))
+
+
+def real_polygons(polygons: list) -> list:
+    """The polygons of a COCO polygon segmentation that have 3 points or more."""
+    return [polygon for polygon in polygons if len(polygon) >= MIN_POLYGON_COORDS]
 
 
 def _show(value) -> str:
@@ -138,7 +143,7 @@ def _segmentation_problem(segm, height: int, width: int) -> str | None:
         for polygon in segm:
             if not isinstance(polygon, list):
                 return f"a polygon must be a list of coordinates, not {_show(polygon)}"
-            if not all(_is_number(v) for v in polygon):
+            if not all(is_number(v) for v in polygon):
                 return f"polygon coordinates must be finite numbers: {_show(polygon)}"
             if len(polygon) % 2:
                 return f"a polygon needs an even number of coordinates, not {len(polygon)}"
@@ -208,13 +213,13 @@ def _annotation_problem(ann, images: dict, category_ids: set) -> str | None:
     if ann["category_id"] not in category_ids:
         return f"category_id {ann['category_id']} is not in 'categories'"
     bbox = ann["bbox"]
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
         return f"bbox must be 4 finite numbers [x, y, w, h], not {_show(bbox)}"
     if bbox[2] < 0 or bbox[3] < 0:
         return f"bbox width and height must not be negative: {_show(bbox)}"
     if ann.get("iscrowd", 0) not in (0, 1):  # True and False compare equal to 1 and 0
         return f"iscrowd must be 0 or 1, not {_show(ann['iscrowd'])}"
-    if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+    if "area" in ann and not (is_number(ann["area"]) and ann["area"] >= 0):
         return f"area must be a non-negative number, not {_show(ann['area'])}"
     image = images[ann["image_id"]]
     return _segmentation_problem(ann["segmentation"], image["height"], image["width"])
@@ -310,7 +315,7 @@ class CocoDataset:
                 continue
             segm = ann["segmentation"]
             if isinstance(segm, list):
-                kept = [p for p in segm if len(p) >= MIN_POLYGON_COORDS]
+                kept = real_polygons(segm)
                 self.stats.dropped_polygons += len(segm) - len(kept)
                 if not kept:
                     self.stats.dropped_segmentations += 1

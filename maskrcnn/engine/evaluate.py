@@ -8,7 +8,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pycocotools.cocoeval import COCOeval
 from maskrcnn.config import ConfigError
 from maskrcnn.config.config_pb2 import FASTER_COCO_EVAL, PYCOCOTOOLS
 from maskrcnn.data.batch import Batch
-from maskrcnn.data.coco import DatasetError, read_annotations, rle_string_counts
+from maskrcnn.data.coco import DatasetError, is_number, read_annotations, rle_string_counts
 from maskrcnn.engine import distributed
 from maskrcnn.ops.paste_masks import paste_masks
 
@@ -168,13 +167,13 @@ def _result_problem(result, gt) -> str | None:
         return f"image_id {result['image_id']!r} is not in the ground truth"
     if result["category_id"] not in gt.cats:
         return f"category_id {result['category_id']!r} is not in the ground truth"
-    if not (isinstance(result["score"], int | float) and math.isfinite(result["score"])):
+    if not is_number(result["score"]):
         return f"score must be a finite number, not {result['score']!r}"
     if "bbox" not in result and "segmentation" not in result:
         return "has neither 'bbox' nor 'segmentation'"
     bbox = result.get("bbox", [0, 0, 0, 0])
     if not (isinstance(bbox, list) and len(bbox) == 4
-            and all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)):
+            and all(is_number(v) for v in bbox)):
         return f"bbox must be 4 finite numbers [x, y, w, h], not {bbox!r}"
     if "segmentation" in result:
         segm, image = result["segmentation"], gt.imgs[result["image_id"]]

@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 
 from maskrcnn.config import Config
 from maskrcnn.data.batch import collate
-from maskrcnn.data.coco import MIN_POLYGON_COORDS, DatasetError, read_annotations
+from maskrcnn.data.coco import DatasetError, read_annotations, real_polygons
 from maskrcnn.data.gt_masks import decode_segmentation
 from maskrcnn.data.transforms import (
     choose_canvas,
@@ -84,12 +84,16 @@ def draw_predictions(image: np.ndarray, results: list[dict], category_ids: Seque
     score (the best-scoring labels placed first), at the image's own resolution."""
     shown = sorted((r for r in results if r["score"] >= threshold), key=lambda r: -r["score"])
     classes = [list(category_ids).index(r["category_id"]) + 1 for r in shown]
-    boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in shown)],
-                     np.float32).reshape(-1, 4)
+    boxes = _corners([r["bbox"] for r in shown])
     labels = [f"{class_names[k - 1]} {r['score']:.2f}" for k, r in zip(classes, shown,
                                                                         strict=True)]
     masks = [mask_utils.decode(r["segmentation"]).astype(bool) for r in shown]
     return draw_instances(image, boxes, classes, labels, masks)
+
+
+def _corners(bboxes: list) -> np.ndarray:
+    """COCO boxes [x, y, w, h] as float32[T, 4] (x1, y1, x2, y2)."""
+    return np.array([[x, y, x + w, y + h] for x, y, w, h in bboxes], np.float32).reshape(-1, 4)
 
 
 def ground_truth_by_file(gt_json: Path) -> tuple[dict[str, tuple[dict, list[dict]]], dict]:
@@ -114,8 +118,7 @@ def draw_ground_truth(image: np.ndarray, annotations: list[dict], category_ids: 
     ids = list(category_ids)
     classes = [ids.index(a["category_id"]) + 1 if a["category_id"] in ids else a["category_id"]
                for a in annotations]
-    boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in annotations)],
-                     np.float32).reshape(-1, 4)
+    boxes = _corners([a["bbox"] for a in annotations])
     labels = [names[a["category_id"]] + (" (crowd)" if a.get("iscrowd") else "")
               for a in annotations]
     masks = [_annotation_mask(a["segmentation"], height, width) for a in annotations]
@@ -126,7 +129,7 @@ def _annotation_mask(segm, height: int, width: int) -> np.ndarray:
     """bool[height, width] of a COCO segmentation, without its polygons of fewer than 3
     points (pycocotools would read a 4-number polygon as a box)."""
     if isinstance(segm, list):
-        segm = [polygon for polygon in segm if len(polygon) >= MIN_POLYGON_COORDS]
+        segm = real_polygons(segm)
         if not segm:
             return np.zeros((height, width), bool)
     return decode_segmentation(segm, height, width).astype(bool)

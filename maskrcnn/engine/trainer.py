@@ -591,7 +591,7 @@ class Trainer:
         flag = torch.tensor([received], dtype=torch.int64, device=self.device)
         distributed.all_reduce_(flag, torch.distributed.ReduceOp.MAX,
                                 "all_reduce of the stop request")
-        return int(flag.item())
+        return int(flag.item())  # a host read only at log or evaluation steps (see above)
 
     def _raise_if_bad(self, first_bad: torch.Tensor) -> None:
         """Stops at the first non-finite loss of any rank (all ranks stop together)."""
