@@ -34,6 +34,7 @@ from maskrcnn.engine.evaluate import (
 )
 from maskrcnn.engine.trainer import autocast_dtype, load_model_state, resolve_device
 from maskrcnn.model.maskrcnn import build_model
+from maskrcnn.runtime import Runtime
 
 flags.DEFINE_bool("per_category", False, "Also print the AP of each category.")
 flags.DEFINE_string("results", None, "Score this COCO results file (a json list of "
@@ -78,7 +79,7 @@ def evaluate_checkpoint(process: distributed.Process) -> None:
         raise DatasetError("no val split: pass --data_dir, or --val_json and --val_images")
     coco = read_coco(paths.val_json, paths.val_images, train=False,
                      num_classes=config.model.num_classes)
-    model = build_model(config)
+    model = build_model(config, Runtime.for_device(process.device))
     load_model_state(model, state["model"], FLAGS.checkpoint)
     model.to(process.device)
     loader = build_eval_loader(config, build_dataset(config, coco, train=False),

@@ -26,6 +26,7 @@ from maskrcnn.engine.predictions import (
 )
 from maskrcnn.engine.trainer import load_model_state, resolve_device
 from maskrcnn.model.maskrcnn import build_model
+from maskrcnn.runtime import Runtime
 from maskrcnn.visualize import side_by_side, titled
 
 flags.DEFINE_multi_string("input", [], "An image file or a folder of images. Repeatable.")
@@ -55,7 +56,7 @@ def main() -> None:
     state = ckpt.load(Path(FLAGS.checkpoint))
     config = config_from_flags(state["config"], f"{FLAGS.checkpoint} (its config)")
     device = resolve_device(FLAGS.device)
-    model = build_model(config)
+    model = build_model(config, Runtime.for_device(device))
     load_model_state(model, state["model"], FLAGS.checkpoint)
     model.to(device)
     paths = find_images(FLAGS.input)

@@ -1,8 +1,15 @@
-"""Fixtures shared by all tests."""
+"""Fixtures shared by all tests; Triton kernels run in its interpreter where there is no GPU."""
 
 import os
 
 import pytest
+import torch
+
+# Triton decides at decoration time whether a kernel is compiled or interpreted, so this must
+# come before maskrcnn's kernel modules are imported. Without a GPU, the kernels' tests (named
+# *triton*) run them on CPU tensors, at small sizes.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

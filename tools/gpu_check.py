@@ -26,6 +26,7 @@ from maskrcnn.ops.nms import batched_nms_fixed
 from maskrcnn.ops.paste_masks import paste_masks
 from maskrcnn.ops.proposals import generate_proposals
 from maskrcnn.ops.roi_align import multilevel_roi_align
+from maskrcnn.runtime import Runtime
 
 # Relative error bound (||gpu - cpu|| / ||cpu||) of float32 results computed in different orders.
 FP32_RTOL = 1e-4
@@ -133,7 +134,7 @@ def check_model(device: torch.device) -> None:
     batch = synthetic_batch(config, seed=1)
     torch.manual_seed(0)
     cpu_model = build_model(config)
-    gpu_model = build_model(config)
+    gpu_model = build_model(config, Runtime.for_device(device))
     gpu_model.load_state_dict(cpu_model.state_dict())
     gpu_model.to(device)
     results = {}

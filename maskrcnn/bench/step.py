@@ -15,8 +15,9 @@ from maskrcnn.data.batch import Batch
 from maskrcnn.engine.solver import Schedule, build_lr_scheduler, build_optimizer, make_schedule
 from maskrcnn.engine.trainer import Trainer, autocast_dtype, compile_step, model_inputs
 from maskrcnn.model.maskrcnn import build_model
-from maskrcnn.model.trim import trims, used_slots
+from maskrcnn.model.trim import trimming, used_slots
 from maskrcnn.ops.paste_masks import paste_masks
+from maskrcnn.runtime import Runtime
 
 
 def bench_schedule(config: Config) -> Schedule:
@@ -28,15 +29,17 @@ def bench_schedule(config: Config) -> Schedule:
 class BenchTrainer(Trainer):
     """A Trainer without data: the model, optimizer, LR schedule and loss scaler that
     Trainer.__init__ builds, and nothing else (no dataset, loaders, evaluation). Only the
-    inherited `train_step` is meant to be called."""
+    inherited `train_step` is meant to be called. `runtime` defaults to the device's choices
+    (tests pass the GPU's to run its code path on a CPU)."""
 
-    def __init__(self, config: Config, device: torch.device):
+    def __init__(self, config: Config, device: torch.device, runtime: Runtime | None = None):
         # Trainer.__init__ (not called) reads the dataset first; the rest is the same.
         self.config = config
         self.device = device
         torch.manual_seed(config.run.seed)
         self.schedule = bench_schedule(config)
-        self.model = build_model(config).to(device)
+        self.runtime = runtime or Runtime.for_device(device)
+        self.model = build_model(config, self.runtime).to(device)
         if config.run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, config, self.schedule)
@@ -71,7 +74,7 @@ def inference_step(trainer: BenchTrainer, batch: Batch) -> Callable[[], dict[str
                 out = trainer.forward(*inputs)
             # On a CPU, only the slots with a detection in some image (as the mask head).
             valid = out["valid"]
-            d = used_slots(valid) if trims(valid) else valid.shape[1]
+            d = used_slots(valid) if trimming(trainer.runtime.trim_slots) else valid.shape[1]
             out["masks"] = paste_masks(out["masks"][:, :d].float(), out["boxes"][:, :d].float(),
                                        h, w)
         return out

@@ -36,7 +36,7 @@ from maskrcnn.engine.solver import apply_gradients, build_lr_scheduler, build_op
 from maskrcnn.engine.trainer import autocast_dtype
 from maskrcnn.model.backbone import GN_GROUPS
 from maskrcnn.model.roi_heads import MAX_NMS_CANDIDATES
-from maskrcnn.model.trim import TRIM_DEVICE_TYPES
+from maskrcnn.runtime import Runtime
 
 # What our backbone.frozen_stages = k freezes: the parameters under the first k of these
 # (model/backbone.py); torchvision's trainable_layers = 5 - k is the same split.
@@ -156,7 +156,7 @@ def unmatched_settings(config: Config, device: torch.device) -> list[str]:
                      f"{m.rpn.min_box_size:g} px (model.rpn.min_box_size).")
     most_fg = int(roi.batch_size_per_image * roi.positive_fraction)
     slots = min(roi.max_fg_masks_per_image, roi.batch_size_per_image)
-    trimmed = device.type in TRIM_DEVICE_TYPES
+    trimmed = Runtime.for_device(device).trim_slots
     notes.append(f"Mask head in training: torchvision's runs on the foreground RoIs only "
                  f"(data-dependent, at most {most_fg} per image; with random weights few "
                  f"proposals overlap the ground truth, far fewer than in real training: see "

@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,7 @@ from maskrcnn.engine.solver import (
 )
 from maskrcnn.model.maskrcnn import MaskRCNN, build_model
 from maskrcnn.model.sampling import global_batch_keys
+from maskrcnn.runtime import Runtime
 
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -163,16 +165,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def compile_step(forward: torch.nn.Module) -> torch.nn.Module:
+def compile_step(forward: torch.nn.Module, backend: str | Callable = "inductor") -> torch.nn.Module:
     """torch.compile of the model's forward (losses included; AOTAutograd compiles the
-    backward). Random ops (the sampling keys) run as eager ATen ops rather than inside
-    generated kernels (inductor's fallback_random): the compiled step then draws the same keys
-    as the eager one, and Triton 3.6 on an H200 failed to compile the fused kernel that
-    generated the keys inside a reduction (PassManager::run failed, torch 2.11, 2026-11-26)."""
+    backward), with static shapes (dynamic=False): every batch has one of the config's few
+    canvases, so each canvas gets its own graph, compiled once, and none is traced with
+    symbolic sizes (tests/engine/test_compile_step.py). Random ops (the sampling keys) run as
+    eager ATen ops rather than inside generated kernels (inductor's fallback_random): the
+    compiled step then draws the same keys as the eager one, and Triton 3.6 on an H200 failed
+    to compile the fused kernel that generated the keys inside a reduction (PassManager::run
+    failed, torch 2.11, 2026-11-26). `backend` is for tests."""
     import torch._inductor.config  # noqa: PLC0415 (loaded with the compiler, only when used)
 
     torch._inductor.config.fallback_random = True
-    return torch.compile(forward)
+    return torch.compile(forward, backend=backend, dynamic=False)
 
 
 def autocast_dtype(config: Config) -> torch.dtype | None:
@@ -269,7 +274,8 @@ class Trainer:
         workers_ignore_stop_signals(self.loader)
         self.schedule = make_schedule(config, len(dataset), self.sampler.steps_per_epoch)
 
-        self.model = build_model(config).to(device)
+        self.runtime = Runtime.for_device(device)
+        self.model = build_model(config, self.runtime).to(device)
         if config.run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if world_size > 1 and device.type == "cuda":

@@ -29,12 +29,6 @@ _STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 _OPTIONAL_BN_KEY = "num_batches_tracked"
 
 
-# Whether a frozen-batch-norm body runs each conv and its norm as one FoldedConv2d (the same
-# maths with other float rounding; the parity test with torchvision, whose scores are
-# sensitive at that level, turns it off and tests/model/test_backbone.py compares the two).
-FOLD_FROZEN_BN = True
-
-
 # Groups of the GroupNorm option (Wu and He, 2018); every ResNet width is a multiple of it.
 GN_GROUPS = 32
 
@@ -58,12 +52,17 @@ class ResNetBody(nn.Module):
             scratch (frozen batch norm at its initial identity leaves a deep body
             unnormalised) "group_norm" (trained GroupNorm, independent of the batch) or
             "batch_norm" (trained BatchNorm2d with batch statistics).
+        fold_frozen_bn: with "frozen_bn", run each conv and its norm as one FoldedConv2d (the
+            same maths with other float rounding; the parity test with torchvision, whose
+            scores are sensitive at that level, turns it off; tests/model/test_backbone.py
+            compares the two).
 
     Attributes:
         out_channels: channels of C2..C5.
     """
 
-    def __init__(self, depth: int, frozen_stages: int, norm: str = "frozen_bn"):
+    def __init__(self, depth: int, frozen_stages: int, norm: str = "frozen_bn",
+                 fold_frozen_bn: bool = True):
         super().__init__()
         if depth not in _RESNETS:
             raise ValueError(f"ResNet depth must be one of {sorted(_RESNETS)}, got {depth}")
@@ -89,7 +88,7 @@ class ResNetBody(nn.Module):
             for name in stage:
                 for p in getattr(self, name).parameters():
                     p.requires_grad_(False)
-        if norm == "frozen_bn" and FOLD_FROZEN_BN:
+        if norm == "frozen_bn" and fold_frozen_bn:
             for parent, conv, bn in self._conv_norm_pairs():
                 setattr(parent, conv, FoldedConv2d(getattr(parent, conv), getattr(parent, bn)))
 
@@ -171,7 +170,7 @@ class Backbone(nn.Module):
         frozen_stages: see ResNetBody.
         fpn_channels: channels of every FPN level.
         weights_path: torchvision ImageNet checkpoint for the body; "" keeps random weights.
-        norm: see ResNetBody.
+        norm, fold_frozen_bn: see ResNetBody.
 
     Attributes:
         strides: strides of P2..P6.
@@ -179,9 +178,9 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, depth: int, frozen_stages: int, fpn_channels: int, weights_path: str = "",
-                 norm: str = "frozen_bn"):
+                 norm: str = "frozen_bn", fold_frozen_bn: bool = True):
         super().__init__()
-        self.body = ResNetBody(depth, frozen_stages, norm)
+        self.body = ResNetBody(depth, frozen_stages, norm, fold_frozen_bn)
         self.fpn = FPN(self.body.out_channels, fpn_channels)
         self.strides = [4, 8, 16, 32, 64]
         self.out_channels = fpn_channels

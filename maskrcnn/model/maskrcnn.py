@@ -13,7 +13,8 @@ from maskrcnn.model.anchors import AnchorCache
 from maskrcnn.model.backbone import Backbone
 from maskrcnn.model.roi_heads import RoIHeads
 from maskrcnn.model.rpn import RPN
-from maskrcnn.model.trim import trims, used_slots
+from maskrcnn.model.trim import trimming, used_slots
+from maskrcnn.runtime import Runtime
 
 # The RoI heads pool from P2..P5; P6 only feeds the RPN (as in the FPN paper).
 POOLED_LEVELS = 4
@@ -27,11 +28,14 @@ class MaskRCNN(nn.Module):
         anchors: anchors for each canvas.
         rpn, roi_heads: the two stages.
         pixel_mean, pixel_std: RGB statistics on the 0-255 scale.
+        trim_slots: match anchors to the ground-truth slots some image uses only (model/trim.py;
+            the CPU's choice).
     """
 
     def __init__(self, backbone: nn.Module, anchors: AnchorCache, rpn: RPN, roi_heads: RoIHeads,
-                 pixel_mean: list[float], pixel_std: list[float]):
+                 pixel_mean: list[float], pixel_std: list[float], trim_slots: bool = False):
         super().__init__()
+        self.trim_slots = trim_slots
         self.backbone = backbone
         self.anchors = anchors
         self.rpn = rpn
@@ -73,7 +77,7 @@ class MaskRCNN(nn.Module):
             # On a CPU, anchors are matched to the ground-truth slots used in some image only
             # (trim.py). The RoI heads keep all G: their sampling keys, one per candidate
             # (proposals and ground-truth slots), must not depend on the batch's contents.
-            g = used_slots(gt_valid) if trims(gt_valid) else gt_valid.shape[1]
+            g = used_slots(gt_valid) if trimming(self.trim_slots) else gt_valid.shape[1]
             losses = self.rpn.losses(objectness, deltas, anchors, gt_boxes[:, :g],
                                      gt_valid[:, :g])
         with record_function("roi_heads"):
@@ -82,31 +86,44 @@ class MaskRCNN(nn.Module):
         return losses
 
 
-def build_model(config: Config) -> MaskRCNN:
+def build_model(config: Config, runtime: Runtime | None = None) -> MaskRCNN:
     """The model a config describes (weights random, or ImageNet backbone weights from
-    model.backbone.weights_path)."""
+    model.backbone.weights_path), computing as `runtime` says (default: a CPU's choices)."""
+    runtime = runtime or Runtime.for_device("cpu")
     m = config.model
     rpn, roi = m.rpn, m.roi_heads
     strides = list(m.anchors.strides)
     return MaskRCNN(
-        backbone=Backbone(m.backbone.depth, m.backbone.frozen_stages, m.fpn_channels,
-                          m.backbone.weights_path,
-                          norm=config_pb2.Norm.Name(m.backbone.norm).lower()),
+        backbone=Backbone(depth=m.backbone.depth, frozen_stages=m.backbone.frozen_stages,
+                          fpn_channels=m.fpn_channels, weights_path=m.backbone.weights_path,
+                          norm=config_pb2.Norm.Name(m.backbone.norm).lower(),
+                          fold_frozen_bn=runtime.fold_frozen_bn),
         anchors=AnchorCache([(c.height, c.width) for c in config.data.canvas],
                             list(m.anchors.sizes), list(m.anchors.aspect_ratios), strides),
-        rpn=RPN(m.fpn_channels, len(m.anchors.aspect_ratios), rpn.batch_size_per_image,
-                rpn.positive_fraction, rpn.fg_iou_threshold, rpn.bg_iou_threshold,
-                (rpn.pre_nms_topk_train, rpn.pre_nms_topk_test),
-                (rpn.post_nms_topk_train, rpn.post_nms_topk_test), rpn.nms_threshold,
-                rpn.min_box_size),
+        rpn=RPN(channels=m.fpn_channels, anchors_per_location=len(m.anchors.aspect_ratios),
+                batch_size_per_image=rpn.batch_size_per_image,
+                positive_fraction=rpn.positive_fraction,
+                fg_iou_threshold=rpn.fg_iou_threshold, bg_iou_threshold=rpn.bg_iou_threshold,
+                pre_nms_topk=(rpn.pre_nms_topk_train, rpn.pre_nms_topk_test),
+                post_nms_topk=(rpn.post_nms_topk_train, rpn.post_nms_topk_test),
+                nms_threshold=rpn.nms_threshold, min_box_size=rpn.min_box_size,
+                nms_method=runtime.nms),
         roi_heads=RoIHeads(
-            m.fpn_channels, strides[:POOLED_LEVELS], m.num_classes, roi.box_head_dim,
-            roi.batch_size_per_image, roi.positive_fraction, roi.fg_iou_threshold,
-            tuple(roi.bbox_reg_weights), roi.pooler_resolution, roi.mask_pooler_resolution,
-            roi.mask_head_channels, roi.max_fg_masks_per_image, roi.test_score_threshold,
-            roi.test_nms_threshold, roi.detections_per_image, roi.roi_align_aligned,
-            roi.box_head_convs, roi.head_group_norm, roi.class_agnostic_boxes,
-            roi.class_agnostic_masks),
+            channels=m.fpn_channels, strides=strides[:POOLED_LEVELS],
+            num_classes=m.num_classes, box_head_dim=roi.box_head_dim,
+            batch_size_per_image=roi.batch_size_per_image,
+            positive_fraction=roi.positive_fraction, fg_iou_threshold=roi.fg_iou_threshold,
+            bbox_reg_weights=tuple(roi.bbox_reg_weights),
+            pooler_resolution=roi.pooler_resolution,
+            mask_pooler_resolution=roi.mask_pooler_resolution,
+            mask_head_channels=roi.mask_head_channels, max_fg_masks=roi.max_fg_masks_per_image,
+            score_threshold=roi.test_score_threshold, nms_threshold=roi.test_nms_threshold,
+            detections_per_image=roi.detections_per_image, aligned=roi.roi_align_aligned,
+            box_head_convs=roi.box_head_convs, head_group_norm=roi.head_group_norm,
+            class_agnostic_boxes=roi.class_agnostic_boxes,
+            class_agnostic_masks=roi.class_agnostic_masks, trim_slots=runtime.trim_slots,
+            nms_method=runtime.nms),
         pixel_mean=list(m.pixel_mean),
         pixel_std=list(m.pixel_std),
+        trim_slots=runtime.trim_slots,
     )

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from maskrcnn.data.gt_masks import mask_targets
 from maskrcnn.model.backbone import GN_GROUPS
 from maskrcnn.model.sampling import local_counts, match, sample, uniform_keys
-from maskrcnn.model.trim import foreground_slots, trims, used_slots
+from maskrcnn.model.trim import foreground_slots, trimming, used_slots
 from maskrcnn.ops.boxes import clip_boxes, decode_boxes, encode_boxes
 from maskrcnn.ops.nms import batched_nms_fixed
 from maskrcnn.ops.roi_align import multilevel_roi_align
@@ -129,8 +129,11 @@ class RoIHeads(nn.Module):
                  mask_pooler_resolution: int, mask_head_channels: int, max_fg_masks: int,
                  score_threshold: float, nms_threshold: float, detections_per_image: int,
                  aligned: bool = True, box_head_convs: int = 0, head_group_norm: bool = False,
-                 class_agnostic_boxes: bool = False, class_agnostic_masks: bool = False):
+                 class_agnostic_boxes: bool = False, class_agnostic_masks: bool = False,
+                 trim_slots: bool = False, nms_method: str = "auto"):
         super().__init__()
+        self.trim_slots = trim_slots
+        self.nms_method = nms_method
         self.strides = list(strides)
         self.num_classes = num_classes
         self.box_head = BoxHead(channels, pooler_resolution, box_head_dim, num_classes,
@@ -189,7 +192,7 @@ class RoIHeads(nn.Module):
         BCE of the true class's mask, averaged over the foreground mask slots). Counts are
         the batch's (the global batch's under data parallelism: see `normalizers`)."""
         s = self.sample_rois(proposals, proposals_valid, gt_boxes, gt_classes, gt_valid)
-        if trims(s["valid"]):  # on a CPU, only the RoI slots sampled in some image
+        if trimming(self.trim_slots):  # on a CPU, only the RoI slots sampled in some image
             r = used_slots(s["valid"])
             s = {key: value[:, :r] for key, value in s.items()}
         n, r = s["classes"].shape
@@ -215,7 +218,7 @@ class RoIHeads(nn.Module):
         rois = _flat_rois(s["rois"][:, :f].float())  # (N*F, 5)
         classes = s["classes"][:, :f].reshape(-1)
         matched = s["matched"][:, :f].reshape(-1)
-        if trims(fg):
+        if trimming(self.trim_slots):
             rois, classes, matched, fg = (t[foreground_slots(fg)]
                                           for t in (rois, classes, matched, fg))
         mask_logits = self.mask_head(multilevel_roi_align(
@@ -261,7 +264,8 @@ class RoIHeads(nn.Module):
         boxes = boxes.gather(1, top.indices.unsqueeze(-1).expand(-1, -1, 4))
         classes = classes.gather(1, top.indices)
         keep_index, keep = batched_nms_fixed(boxes, top.values, top.values >= 0, classes,
-                                             self.nms_threshold, self.detections_per_image)
+                                             self.nms_threshold, self.detections_per_image,
+                                             self.nms_method)
         det_boxes = boxes.gather(1, keep_index.unsqueeze(-1).expand(-1, -1, 4)) * keep[..., None]
         det_scores = top.values.gather(1, keep_index) * keep
         det_classes = torch.where(keep, classes.gather(1, keep_index), 0)
@@ -269,7 +273,7 @@ class RoIHeads(nn.Module):
         # Kept detections come first; on a CPU the mask head skips the slots empty in every
         # image (see trim.py). Masks of empty slots are 0 either way.
         d = det_boxes.shape[1]
-        used = used_slots(keep) if trims(keep) else d
+        used = used_slots(keep) if trimming(self.trim_slots) else d
         mask_logits = self.mask_head(self._pool(features, det_boxes[:, :used],
                                                 self.mask_pooler_resolution))
         size = mask_logits.shape[-1]

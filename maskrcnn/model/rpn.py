@@ -62,8 +62,9 @@ class RPN(nn.Module):
     def __init__(self, channels: int, anchors_per_location: int, batch_size_per_image: int,
                  positive_fraction: float, fg_iou_threshold: float, bg_iou_threshold: float,
                  pre_nms_topk: tuple[int, int], post_nms_topk: tuple[int, int],
-                 nms_threshold: float, min_box_size: float):
+                 nms_threshold: float, min_box_size: float, nms_method: str = "auto"):
         super().__init__()
+        self.nms_method = nms_method
         self.head = RPNHead(channels, anchors_per_location)
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
@@ -89,7 +90,7 @@ class RPN(nn.Module):
         boxes, scores, valid = generate_proposals(
             [o.detach().float() for o in objectness], [d.detach().float() for d in deltas],
             anchors, image_sizes, self.pre_nms_topk[mode], self.post_nms_topk[mode],
-            self.nms_threshold, self.min_box_size,
+            self.nms_threshold, self.min_box_size, self.nms_method,
         )
         return boxes, scores, valid, objectness, deltas
 

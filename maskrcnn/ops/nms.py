@@ -7,33 +7,55 @@ Semantics per row are torchvision's `batched_nms` over the row's valid boxes: gr
 suppressed by a kept box of the same group with IoU > iou_threshold, boxes are visited by
 descending score and among equal scores the lower index goes first.
 
-How: on a GPU, one call of torchvision's `nms` (its CUDA kernel) for the whole batch. Rows and
-groups are kept apart with torchvision's `batched_nms` offset trick: each (row, group) cell is
-shifted to its own region of the plane, far enough that boxes of different cells never
-intersect. The shift is done in float64 so it costs no precision (in float32, shifting boxes by
-16 images x 80 classes x 1300 px would round their coordinates to 1/8 px). On the CPU, one call
-of its C++ kernel per cell (see _nms_per_cell). The candidates are ranked once by (score
-descending, index ascending) and `nms` gets that rank as its score, so ties break the same way
-whatever sort torchvision uses on the device.
+Four ways to compute it (`method`), with the same results:
+- "triton" (the GPU default): rows ranked with two stable sorts on the device, then one
+  Triton kernel walks each row greedily (ops/nms_triton.py). No host synchronisation.
+- "torch" (the GPU default where Triton is absent, and the kernel's reference): the same
+  ranking, a [B, K, K] suppression matrix, then a static loop over the K ranks. No host
+  synchronisation; K small kernels in sequence, so slower than the kernel.
+- "per_cell" (the CPU default): the valid candidates selected with `nonzero`, one call of
+  torchvision's C++ `nms` per (row, group) cell (see _nms_per_cell). Host reads cost nothing
+  on a CPU, and this is the fastest there.
+- "shifted": the valid candidates selected likewise, one torchvision `nms` call for the whole
+  batch, rows and groups kept apart with torchvision's `batched_nms` offset trick: each (row,
+  group) cell is shifted to its own region of the plane, in float64 so that it costs no
+  precision (in float32, shifting boxes by 16 images x 80 classes x 1300 px would round their
+  coordinates to 1/8 px). On CUDA it synchronises several times (`nonzero`, `unique`, the
+  mask torchvision's kernel copies to the host); it was the GPU path before "triton" and is
+  kept as the baseline the GPU benchmark compares with.
+In the last two the candidates are ranked once by (score descending, index ascending) and
+`nms` gets that rank as its score, so ties break the same way whatever sort torchvision uses.
 
 The op is opaque to torch.compile (a `torch.library` op with a fake implementation giving its
-static output shapes), so the data-dependent steps inside it (selecting the valid boxes, the
-variable number of kept boxes) cause no graph break. On CUDA, torchvision's `nms` copies its
-suppression mask to the host: one synchronisation per call.
+static output shapes), so the data-dependent steps of the last two methods cause no graph
+break.
 """
+
+import importlib.util
 
 import torch
 from torchvision.ops import nms
 
-# Devices whose candidates go through one `nms` call per (row, group) cell rather than one
-# shifted call for the batch (tests run the CPU through both).
-PER_CELL_DEVICE_TYPES = {"cpu"}
+METHODS = ("triton", "torch", "per_cell", "shifted")
+# The methods with static shapes and no host synchronisation.
+STATIC_METHODS = ("triton", "torch")
+# Rows of the [B, K, K] suppression matrix of the "torch" method computed at once (bounds the
+# float32 IoU temporary to B x CHUNK x K).
+IOU_CHUNK = 512
+
+
+def default_method(device: torch.device) -> str:
+    """The fastest method on a device: "per_cell" on a CPU; on a GPU "triton" where Triton is
+    installed, else "torch" (both free of host synchronisation)."""
+    if device.type == "cpu":
+        return "per_cell"
+    return "triton" if importlib.util.find_spec("triton") is not None else "torch"
 
 
 @torch.library.custom_op("maskrcnn::batched_nms_fixed", mutates_args=())
 def batched_nms_fixed(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
-                      groups: torch.Tensor, iou_threshold: float,
-                      max_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      groups: torch.Tensor, iou_threshold: float, max_out: int,
+                      method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy NMS within each row and group, the first `max_out` kept boxes of each row.
 
     Args:
@@ -43,11 +65,18 @@ def batched_nms_fixed(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Te
         groups: int64[B, K]; boxes only suppress boxes of the same group (class, FPN level).
         iou_threshold: IoU above which the lower-scoring box is suppressed.
         max_out: O.
+        method: one of METHODS (see the module docstring), or "auto" for `default_method`.
 
     Returns:
         indices int64[B, O] into K of the kept boxes, by descending score, and keep bool[B, O];
         slots past the last kept box hold index 0 and keep False.
     """
+    if method == "auto":
+        method = default_method(boxes.device)
+    if method not in METHODS:
+        raise ValueError(f"unknown NMS method {method!r}; expected one of {', '.join(METHODS)}")
+    if method in STATIC_METHODS:
+        return _nms_static(boxes, scores, valid, groups, iou_threshold, max_out, method)
     b, k = scores.shape
     indices = torch.zeros(b, max_out, dtype=torch.int64, device=scores.device)
     keep = torch.zeros(b, max_out, dtype=torch.bool, device=scores.device)
@@ -61,7 +90,7 @@ def batched_nms_fixed(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Te
     _, group = torch.unique(groups.reshape(-1)[candidates], return_inverse=True)
     cell = row * (group.max() + 1) + group  # (C,) one id per (row, group)
     cell_boxes = boxes.reshape(-1, 4)[candidates]  # (C, 4)
-    if boxes.device.type in PER_CELL_DEVICE_TYPES:
+    if method == "per_cell":
         kept = candidates[_nms_per_cell(cell_boxes, cell, iou_threshold)]
     else:
         kept = candidates[_nms_shifted(cell_boxes.double(), cell, iou_threshold)]
@@ -75,6 +104,65 @@ def batched_nms_fixed(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Te
     indices[kept_row[fits], slot[fits]] = kept[fits] % k
     keep[kept_row[fits], slot[fits]] = True
     return indices, keep
+
+
+def _nms_static(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
+                groups: torch.Tensor, iou_threshold: float, max_out: int,
+                method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batched_nms_fixed` with static shapes only (methods "triton" and "torch")."""
+    b, k = scores.shape
+    # Rank each row: valid first, then by score descending, the lower index first among
+    # equals (two stable sorts; the second only moves valid -inf scores ahead of invalid ones).
+    order = torch.where(valid, scores, -torch.inf).sort(dim=1, descending=True,
+                                                        stable=True).indices
+    order = order.gather(1, (~valid.gather(1, order)).to(torch.uint8)
+                         .sort(dim=1, stable=True).indices)  # (B, K) candidate by rank
+    ranked_boxes = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))
+    ranked_groups = groups.gather(1, order)
+    ranked_valid = valid.gather(1, order)
+    if method == "triton":
+        from maskrcnn.ops.nms_triton import greedy_nms_triton  # noqa: PLC0415 (needs Triton)
+        kept = greedy_nms_triton(ranked_boxes, ranked_groups, ranked_valid.sum(1),
+                                 iou_threshold, max_out)
+    else:
+        kept = _greedy_torch(ranked_boxes, ranked_groups, ranked_valid, iou_threshold)
+    # The first max_out kept ranks of each row go to slots 0, 1, ...; the others to a spare
+    # slot O that is cut off.
+    slot = kept.cumsum(1) - 1
+    take = kept & (slot < max_out)
+    slot = torch.where(take, slot, max_out)
+    indices = torch.zeros(b, max_out + 1, dtype=torch.int64, device=boxes.device)
+    indices = indices.scatter(1, slot, torch.where(take, order, 0))[:, :max_out].contiguous()
+    keep = torch.zeros(b, max_out + 1, dtype=torch.bool, device=boxes.device)
+    return indices, keep.scatter(1, slot, take)[:, :max_out].contiguous()
+
+
+def _greedy_torch(boxes: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor,
+                  iou_threshold: float) -> torch.Tensor:
+    """Greedy NMS of rank-ordered rows with static shapes: boxes float[B, K, 4], groups
+    int[B, K], valid bool[B, K] -> kept bool[B, K]. Memory: the bool[B, K, K] matrix."""
+    b, k, _ = boxes.shape
+    later = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(1)  # j > i
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])  # (B, K)
+    suppresses = []  # chunks of bool[B, c, K]: rank i removes rank j
+    for start in range(0, k, IOU_CHUNK):
+        a = boxes[:, start:start + IOU_CHUNK, None]  # (B, c, 1, 4)
+        o = boxes[:, None]  # (B, 1, K, 4)
+        w = (torch.minimum(a[..., 2], o[..., 2]) - torch.maximum(a[..., 0], o[..., 0])).clamp(0)
+        h = (torch.minimum(a[..., 3], o[..., 3]) - torch.maximum(a[..., 1], o[..., 1])).clamp(0)
+        inter = w * h
+        # torchvision's formula; 0 / 0 is NaN, never above the threshold.
+        iou = inter / (area[:, start:start + IOU_CHUNK, None] + area[:, None] - inter)
+        same = groups[:, start:start + IOU_CHUNK, None] == groups[:, None]
+        suppresses.append((iou > iou_threshold) & same & later[start:start + IOU_CHUNK])
+    suppresses = torch.cat(suppresses, dim=1) if suppresses else later.expand(b, k, k)
+    removed = ~valid
+    kept = torch.zeros(b, k, dtype=torch.bool, device=boxes.device)
+    for i in range(k):  # greedy is sequential over ranks; a static loop, no host read
+        keeps = ~removed[:, i]
+        kept[:, i] = keeps
+        removed = removed | (keeps[:, None] & suppresses[:, i])
+    return kept
 
 
 def _nms_shifted(boxes: torch.Tensor, cell: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -104,7 +192,7 @@ def _nms_per_cell(boxes: torch.Tensor, cell: torch.Tensor, iou_threshold: float)
 
 
 @batched_nms_fixed.register_fake
-def _(boxes, scores, valid, groups, iou_threshold, max_out):
+def _(boxes, scores, valid, groups, iou_threshold, max_out, method="auto"):
     b = scores.shape[0]
     return (scores.new_empty((b, max_out), dtype=torch.int64),
             scores.new_empty((b, max_out), dtype=torch.bool))

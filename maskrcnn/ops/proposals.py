@@ -20,11 +20,14 @@ One difference: a box with zero width or height is always dropped, where torchvi
 if min_size <= 0 (with its default min_size of 1e-3 it drops it too). A zero-area proposal can
 only give an empty RoI.
 
-How: per level (a static Python loop over L), one batched top-k, decode, clip and
-`batched_nms_fixed` over all N images; a level never contributes more than P boxes, so each
+How: per level (a static Python loop over L), one batched top-k, decode and clip over all N
+images; then NMS within each level: a level never contributes more than P boxes, so each
 level's NMS returns min(P, k_l) slots, and the P best of their concatenation are taken with a
-stable sort. NMS per level rather than one NMS over all levels: torchvision's nms is quadratic
-in the number of boxes of a call, so L calls of N * k_l boxes cost about L times less.
+stable sort. With the synchronisation-free NMS methods ("triton", "torch"), all levels go
+through one `batched_nms_fixed` call of L*N rows; with torchvision's ("per_cell", "shifted"),
+one call per level (torchvision's nms is quadratic in the boxes of a call, so L calls of
+N * k_l boxes cost about L times less than one over all levels). Every step has static
+shapes; with the first two methods nothing reads the device from the host.
 """
 
 import torch
@@ -33,7 +36,7 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
 from maskrcnn.ops.boxes import clip_boxes, decode_boxes
-from maskrcnn.ops.nms import batched_nms_fixed
+from maskrcnn.ops.nms import STATIC_METHODS, batched_nms_fixed, default_method
 
 # RPN deltas are not weighted (torchvision, Detectron2).
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
@@ -43,8 +46,12 @@ RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 def _generate_proposals(objectness: list[torch.Tensor], deltas: list[torch.Tensor],
                         anchors: list[torch.Tensor], image_sizes: torch.Tensor,
                         pre_nms_topk: int, post_nms_topk: int, nms_threshold: float,
-                        min_size: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        min_size: float, nms_method: str = "auto") -> tuple[torch.Tensor,
+                                                                            torch.Tensor,
+                                                                            torch.Tensor]:
     """The op behind `generate_proposals` (which documents it), on detached inputs."""
+    if nms_method == "auto":
+        nms_method = default_method(image_sizes.device)
     boxes_per_level, logits_per_level, valid_per_level = [], [], []
     for level_logits, level_deltas, level_anchors in zip(objectness, deltas, anchors,
                                                          strict=True):
@@ -59,11 +66,24 @@ def _generate_proposals(objectness: list[torch.Tensor], deltas: list[torch.Tenso
         # ~isnan is torchvision's score_thresh of 0 on sigmoid(logit): it drops NaN logits only.
         valid = ((width >= min_size) & (height >= min_size) & (width > 0) & (height > 0)
                  & ~top.values.isnan())
-        index, keep = batched_nms_fixed(boxes, top.values, valid, torch.zeros_like(top.indices),
-                                        nms_threshold, min(post_nms_topk, k))
-        boxes_per_level.append(boxes.gather(1, index.unsqueeze(-1).expand(-1, -1, 4)))
-        logits_per_level.append(top.values.gather(1, index))
-        valid_per_level.append(keep)
+        boxes_per_level.append(boxes)
+        logits_per_level.append(top.values)
+        valid_per_level.append(valid)
+    # A level never contributes more than P boxes: each level's NMS keeps min(P, k_l) slots.
+    keep_per_level = [min(post_nms_topk, v.shape[1]) for v in valid_per_level]
+    if nms_method in STATIC_METHODS:
+        nms_per_level = _nms_levels_at_once(boxes_per_level, logits_per_level, valid_per_level,
+                                            nms_threshold, keep_per_level, nms_method)
+    else:
+        nms_per_level = [batched_nms_fixed(b, s, v, torch.zeros_like(v, dtype=torch.int64),
+                                           nms_threshold, o, nms_method)
+                         for b, s, v, o in zip(boxes_per_level, logits_per_level,
+                                               valid_per_level, keep_per_level, strict=True)]
+    for level, (index, keep) in enumerate(nms_per_level):
+        boxes_per_level[level] = boxes_per_level[level].gather(
+            1, index.unsqueeze(-1).expand(-1, -1, 4))
+        logits_per_level[level] = logits_per_level[level].gather(1, index)
+        valid_per_level[level] = keep
     boxes = torch.cat(boxes_per_level, dim=1)  # (N, sum of min(P, k_l), 4)
     logits = torch.cat(logits_per_level, dim=1)
     valid = torch.cat(valid_per_level, dim=1)
@@ -81,9 +101,31 @@ def _generate_proposals(objectness: list[torch.Tensor], deltas: list[torch.Tenso
             F.pad(valid, (0, missing)))
 
 
+def _nms_levels_at_once(boxes: list[torch.Tensor], logits: list[torch.Tensor],
+                        valid: list[torch.Tensor], nms_threshold: float, keep: list[int],
+                        nms_method: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-level NMS as one `batched_nms_fixed` call of L*N rows (the Triton kernel then runs
+    all rows in parallel, the PyTorch loop walks max k_l ranks once): each level padded to
+    max k_l invalid candidates. Returns each level's (index int64[N, keep_l], bool[N, keep_l])."""
+    n = valid[0].shape[0]
+    k = max(v.shape[1] for v in valid)
+
+    def rows(tensors: list[torch.Tensor], fill) -> torch.Tensor:
+        # L x (N, k_l, ...) -> (L*N, k, ...), padded with `fill`
+        return torch.cat([F.pad(t, (0, 0) * (t.dim() - 2) + (0, k - t.shape[1]), value=fill)
+                          for t in tensors])
+
+    index, kept = batched_nms_fixed(rows(boxes, 0.0), rows(logits, 0.0), rows(valid, False),
+                                    torch.zeros(len(valid) * n, k, dtype=torch.int64,
+                                                device=valid[0].device),
+                                    nms_threshold, max(keep), nms_method)
+    return [(index[level * n:(level + 1) * n, :o], kept[level * n:(level + 1) * n, :o])
+            for level, o in enumerate(keep)]
+
+
 @_generate_proposals.register_fake
 def _(objectness, deltas, anchors, image_sizes, pre_nms_topk, post_nms_topk, nms_threshold,
-      min_size):
+      min_size, nms_method="auto"):
     n = image_sizes.shape[0]
     return (objectness[0].new_empty((n, post_nms_topk, 4), dtype=torch.float32),
             objectness[0].new_empty((n, post_nms_topk), dtype=torch.float32),
@@ -93,7 +135,9 @@ def _(objectness, deltas, anchors, image_sizes, pre_nms_topk, post_nms_topk, nms
 def generate_proposals(objectness: list[torch.Tensor], deltas: list[torch.Tensor],
                        anchors: list[torch.Tensor], image_sizes: torch.Tensor,
                        pre_nms_topk: int, post_nms_topk: int, nms_threshold: float,
-                       min_size: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       min_size: float, nms_method: str = "auto") -> tuple[torch.Tensor,
+                                                                           torch.Tensor,
+                                                                           torch.Tensor]:
     """Proposals of every image (op `maskrcnn::generate_proposals`; no gradient flows).
 
     Args:
@@ -106,6 +150,7 @@ def generate_proposals(objectness: list[torch.Tensor], deltas: list[torch.Tensor
         post_nms_topk: P.
         nms_threshold: IoU above which a box is suppressed by a better one of its level.
         min_size: boxes with a side shorter than this (pixels) are dropped.
+        nms_method: how `batched_nms_fixed` runs (ops/nms.py), "auto" for the device's default.
 
     Returns:
         boxes float32[N, P, 4], scores float32[N, P] (the logits), valid bool[N, P]: by
@@ -113,7 +158,7 @@ def generate_proposals(objectness: list[torch.Tensor], deltas: list[torch.Tensor
     """
     return _generate_proposals([o.detach() for o in objectness], [d.detach() for d in deltas],
                                [a.detach() for a in anchors], image_sizes, pre_nms_topk,
-                               post_nms_topk, nms_threshold, min_size)
+                               post_nms_topk, nms_threshold, min_size, nms_method)
 
 
 def generate_proposals_reference(objectness: list[torch.Tensor], deltas: list[torch.Tensor],

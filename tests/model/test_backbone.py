@@ -8,7 +8,6 @@ import torch
 import torchvision
 from torch import nn
 
-from maskrcnn.model import backbone as backbone_module
 from maskrcnn.model.backbone import Backbone, ResNetBody, convert_torchvision_backbone
 from maskrcnn.model.fpn import FPN
 from maskrcnn.model.frozen_bn import FoldedConv2d, FrozenBatchNorm2d
@@ -355,7 +354,7 @@ def test_folded_conv_equals_conv_then_frozen_bn(trained):
 
 
 @pytest.mark.parametrize("depth, convs", [(50, 53), (18, 20)])
-def test_folded_body_equals_separate_norms(monkeypatch, depth, convs):
+def test_folded_body_equals_separate_norms(depth, convs):
     """If this fails, running each conv and its frozen batch norm as one FoldedConv2d changes
     the body's output, misses or doubles a norm, changes which weights get gradients, or
     changes the state dict's keys. (Gradients are compared loosely: in a deep random net
@@ -363,9 +362,7 @@ def test_folded_body_equals_separate_norms(monkeypatch, depth, convs):
     both bodies differ from float64 ones by up to 2e-3 relative, the folded one's by up to
     4e-3; FoldedConv2d's own gradients are compared tightly above.)"""
     torch.manual_seed(0)
-    monkeypatch.setattr(backbone_module, "FOLD_FROZEN_BN", False)
-    separate = ResNetBody(depth, 2)
-    monkeypatch.setattr(backbone_module, "FOLD_FROZEN_BN", True)
+    separate = ResNetBody(depth, 2, fold_frozen_bn=False)
     folded = ResNetBody(depth, 2)
     with torch.no_grad():  # random norms, so the fold is exercised
         for m in separate.modules():

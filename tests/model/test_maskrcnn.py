@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from maskrcnn.config import load_config
-from maskrcnn.model import trim as trim_module
 from maskrcnn.model.maskrcnn import build_model
 from maskrcnn.model.trim import foreground_slots, used_slots
+from maskrcnn.runtime import Runtime
 
 LOSS_KEYS = {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask"}
 CANVAS = (128, 160)
@@ -51,9 +51,9 @@ def _batch(n, seed=0):
     return images, image_sizes, gt_boxes, gt_classes, gt_valid, gt_masks
 
 
-def _model():
+def _model(runtime=None):
     torch.manual_seed(0)
-    model = build_model(_config())
+    model = build_model(_config(), runtime)
     model.rpn.keys = _fixed_keys
     model.roi_heads.keys = _fixed_keys
     return model
@@ -200,22 +200,21 @@ def test_class_agnostic_heads_ignore_the_class():
 
 
 
-def test_trimmed_slots_give_the_same_losses_and_gradients(monkeypatch):
+def test_trimmed_slots_give_the_same_losses_and_gradients():
     """If this fails, trimming padded slots on the CPU (ground-truth slots unused in every
     image, in anchor matching; RoI slots not sampled in any image; mask-head slots without
     foreground in every image) changes the training maths: losses and gradients must equal
     those of the static sizes that GPUs and compiled steps run."""
     batch = _batch(3)  # 1, 2 and 3 annotations in 4 ground-truth slots
     gt_slots, box_rois, mask_rois, results = [], [], [], []
-    for trim in ({"cpu"}, set()):
-        monkeypatch.setattr(trim_module, "TRIM_DEVICE_TYPES", trim)
+    for trim in (True, False):
         config = _config()
         # At most 5 levels x 8 candidates, fewer after NMS, in 40 proposal slots: with the 4
         # ground-truth slots, 44 RoI slots per image (of 64), the last ones padding.
         config.model.rpn.pre_nms_topk_train = 8
         config.model.rpn.post_nms_topk_train = 40
         torch.manual_seed(0)
-        model = build_model(config).train()
+        model = build_model(config, Runtime.for_device("cpu").replace(trim_slots=trim)).train()
         model.rpn.keys = model.roi_heads.keys = _fixed_keys
         rpn_losses = model.rpn.losses
 
@@ -256,15 +255,14 @@ def test_used_slots_counts_to_the_last_used_slot():
     assert foreground_slots(torch.zeros(3, dtype=torch.bool)).tolist() == [0]
 
 
-def test_trimmed_detection_slots_give_the_same_detections(monkeypatch):
+def test_trimmed_detection_slots_give_the_same_detections():
     """If this fails, running the mask head at inference only on the detection slots used in
     some image (the CPU's path) changes a detection or its mask, or padded slots do not get
     zero masks."""
     batch = _batch(2)[:2]
     outputs, mask_rois = [], []
-    for trim in ({"cpu"}, set()):
-        monkeypatch.setattr(trim_module, "TRIM_DEVICE_TYPES", trim)
-        model = _model().eval()
+    for trim in (True, False):
+        model = _model(Runtime.for_device("cpu").replace(trim_slots=trim)).eval()
         model.roi_heads.score_threshold = 0.2  # 29 and 37 of 50 slots hold a detection
         model.roi_heads.mask_head.register_forward_hook(
             lambda module, args, out: mask_rois.append(args[0].shape[0]))

@@ -32,7 +32,6 @@ from torch import nn
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 from maskrcnn.config import load_config
-from maskrcnn.model import backbone as backbone_module
 from maskrcnn.model.convert import (
     convert_torchvision_maskrcnn,
     load_torchvision_maskrcnn,
@@ -40,6 +39,7 @@ from maskrcnn.model.convert import (
 )
 from maskrcnn.model.maskrcnn import build_model
 from maskrcnn.ops.paste_masks import paste_masks
+from maskrcnn.runtime import Runtime
 
 CANVAS = (320, 416)
 # Image sizes: the first fills the canvas, the second is padded on the right. Both have
@@ -118,7 +118,7 @@ def _as_torchvision(images: torch.Tensor) -> list[torch.Tensor]:
 def _our_model() -> nn.Module:
     """Our MaskRCNN with torchvision's settings: its thresholds and top-k counts,
     ROIAlign not aligned, RPN min size 1e-3, the same pixel statistics. Its frozen batch
-    norms stay separate modules, as torchvision's: folded into the convs (FOLD_FROZEN_BN)
+    norms stay separate modules, as torchvision's: folded into the convs (fold_frozen_bn)
     they are the same maths with other float rounding (about 2e-6 relative in the body's
     output), which moves 1 in 10 scores past SCORE_TOL; tests/model/test_backbone.py
     compares the folded body with the separate one."""
@@ -132,11 +132,7 @@ def _our_model() -> nn.Module:
         f"data {{ canvas {{ height: {CANVAS[0]} width: {CANVAS[1]} }} "
         f"short_side: {CANVAS[0]} max_long_side: {CANVAS[1]} }}",
     ])
-    fold, backbone_module.FOLD_FROZEN_BN = backbone_module.FOLD_FROZEN_BN, False
-    try:
-        return build_model(config).eval()
-    finally:
-        backbone_module.FOLD_FROZEN_BN = fold
+    return build_model(config, Runtime.for_device("cpu").replace(fold_frozen_bn=False)).eval()
 
 
 @pytest.fixture(scope="module")

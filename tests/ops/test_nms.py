@@ -1,20 +1,26 @@
 """Fixed-size batched NMS against torchvision's batched_nms and a per-box reference loop."""
 
+import functools
+
 import pytest
 import torch
 from torchvision.ops import batched_nms
 
 from maskrcnn.ops import nms as nms_module
-from maskrcnn.ops.nms import batched_nms_fixed, nms_reference
+from maskrcnn.ops.nms import METHODS, nms_reference
 
 
-@pytest.fixture(autouse=True, params=["one call per cell", "one shifted call"])
-def strategy(request, monkeypatch):
-    """Every test runs both ways of calling torchvision's nms: per (row, group) cell, as on the
-    CPU, and once for the batch with shifted boxes, as on a GPU."""
-    if request.param == "one shifted call":
-        monkeypatch.setattr(nms_module, "PER_CELL_DEVICE_TYPES", set())
+@pytest.fixture(params=METHODS)
+def method(request):
+    """Every test runs every method: the Triton kernel (interpreted on a CPU), the static
+    PyTorch loop, torchvision per (row, group) cell and torchvision once with shifted boxes."""
     return request.param
+
+
+@pytest.fixture
+def batched_nms_fixed(method):
+    """The op with the method under test."""
+    return functools.partial(nms_module.batched_nms_fixed, method=method)
 
 
 def _random_batch(b, k, seed, groups=3, score_levels=None, size=100.0):
@@ -42,8 +48,8 @@ def _torchvision(boxes, scores, valid, groups, iou_threshold, max_out):
     return rows
 
 
-def _check(boxes, scores, valid, groups, iou_threshold, max_out):
-    indices, keep = batched_nms_fixed(boxes, scores, valid, groups, iou_threshold, max_out)
+def _check(nms_op, boxes, scores, valid, groups, iou_threshold, max_out):
+    indices, keep = nms_op(boxes, scores, valid, groups, iou_threshold, max_out)
     b = boxes.shape[0]
     assert indices.shape == keep.shape == (b, max_out)
     assert indices.dtype == torch.int64 and keep.dtype == torch.bool
@@ -60,7 +66,7 @@ def _check(boxes, scores, valid, groups, iou_threshold, max_out):
     return indices, keep
 
 
-def test_hand_case():
+def test_hand_case(batched_nms_fixed):
     """If this fails, the greedy order, the strict IoU > threshold rule or the groups are
     wrong: box 1 (IoU 0.5 with box 0) survives at threshold 0.5, box 2 (IoU 1/3 with box 3,
     IoU 0.6 with box 0) is suppressed by box 0, box 4 is the same box as box 0 in another
@@ -70,47 +76,49 @@ def test_hand_case():
     scores = torch.tensor([[0.9, 0.5, 0.8, 0.7, 0.6, 1.0]])
     valid = torch.tensor([[True, True, True, True, True, False]])
     groups = torch.tensor([[0, 0, 0, 0, 1, 0]])
-    indices, keep = _check(boxes, scores, valid, groups, 0.5, 6)
+    indices, keep = _check(batched_nms_fixed, boxes, scores, valid, groups, 0.5, 6)
     assert indices[0, keep[0]].tolist() == [0, 3, 4, 1]
 
 
 @pytest.mark.parametrize("max_out", [5, 40, 400])
-def test_random_rows_match_torchvision(max_out):
+def test_random_rows_match_torchvision(batched_nms_fixed, max_out):
     """If this fails, some row keeps different boxes than torchvision's batched_nms (rows or
     groups leak into each other, the output is not sorted by score, or truncation to max_out
     / padding beyond the kept boxes is wrong)."""
-    _check(*_random_batch(4, 200, seed=0), 0.5, max_out)
-    _check(*_random_batch(2, 150, seed=1, groups=1), 0.3, max_out)
+    _check(batched_nms_fixed, *_random_batch(4, 200, seed=0), 0.5, max_out)
+    _check(batched_nms_fixed, *_random_batch(2, 150, seed=1, groups=1), 0.3, max_out)
 
 
-def test_equal_scores_lower_index_wins():
+def test_equal_scores_lower_index_wins(batched_nms_fixed):
     """If this fails, ties are broken differently from torchvision's stable sort (the lower
     index should be visited first), so results depend on the sort used."""
-    _check(*_random_batch(3, 200, seed=2, score_levels=3), 0.5, 100)
+    _check(batched_nms_fixed, *_random_batch(3, 200, seed=2, score_levels=3), 0.5, 100)
     boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0]] * 4])
     scores = torch.ones(1, 4)
-    indices, keep = _check(boxes, scores, torch.ones(1, 4, dtype=torch.bool),
+    indices, keep = _check(batched_nms_fixed, boxes, scores, torch.ones(1, 4, dtype=torch.bool),
                            torch.tensor([[0, 1, 0, 1]]), 0.5, 4)
     assert indices[0, keep[0]].tolist() == [0, 1]
 
 
-def test_invalid_and_empty_rows():
+def test_invalid_and_empty_rows(batched_nms_fixed):
     """If this fails, a row with no valid boxes (or no boxes at all, or max_out 0) crashes or
     returns kept slots, or one empty row disturbs the others."""
     boxes, scores, valid, groups = _random_batch(3, 50, seed=3)
     valid[1] = False
-    indices, keep = _check(boxes, scores, valid, groups, 0.5, 20)
+    indices, keep = _check(batched_nms_fixed, boxes, scores, valid, groups, 0.5, 20)
     assert not keep[1].any() and keep[0].any() and keep[2].any()
     valid[:] = False
-    indices, keep = _check(boxes, scores, valid, groups, 0.5, 20)
+    indices, keep = _check(batched_nms_fixed, boxes, scores, valid, groups, 0.5, 20)
     assert not keep.any()
-    empty = _check(torch.zeros(2, 0, 4), torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.bool),
-                   torch.zeros(2, 0, dtype=torch.int64), 0.5, 7)
+    empty = _check(batched_nms_fixed, torch.zeros(2, 0, 4), torch.zeros(2, 0),
+                   torch.zeros(2, 0, dtype=torch.bool), torch.zeros(2, 0, dtype=torch.int64),
+                   0.5, 7)
     assert empty[0].shape == (2, 7) and not empty[1].any()
-    assert _check(boxes, scores, valid | True, groups, 0.5, 0)[0].shape == (3, 0)
+    zero_out = _check(batched_nms_fixed, boxes, scores, valid | True, groups, 0.5, 0)
+    assert zero_out[0].shape == (3, 0)
 
 
-def test_offsets_keep_precision():
+def test_offsets_keep_precision(batched_nms_fixed):
     """If this fails, the shift that separates rows and groups rounds the coordinates (as
     float32 would at 16 rows x 80 groups x 1300 px): a pair with IoU just above the
     threshold in the last (row, group) cell must still be suppressed, one just below not."""
@@ -131,12 +139,55 @@ def test_offsets_keep_precision():
     assert 156 in last and 157 not in last and 158 in last and 159 in last
 
 
-def test_op_registration():
+def test_degenerate_huge_and_equal(batched_nms_fixed):
+    """If this fails, boxes of zero or negative area, huge boxes (1e6 px, where float32 areas
+    lose their last digits) or a row whose scores are all equal are handled differently from
+    torchvision: a zero-area box suppresses nothing and is never suppressed (0 / 0 IoU)."""
+    g = torch.Generator().manual_seed(6)
+    xy = torch.rand(2, 120, 2, generator=g) * 1e6
+    wh = torch.rand(2, 120, 2, generator=g) * 3e5
+    boxes = torch.cat([xy, xy + wh], dim=-1)
+    boxes[:, :20, 2:] = boxes[:, :20, :2]  # points
+    boxes[:, 20:30, 2] = boxes[:, 20:30, 0] - 5  # inverted: negative width
+    scores = torch.rand(2, 120, generator=g)
+    scores[1] = 0.25  # all equal: rank by index
+    valid = torch.ones(2, 120, dtype=torch.bool)
+    groups = torch.randint(0, 2, (2, 120), generator=g)
+    _check(batched_nms_fixed, boxes, scores, valid, groups, 0.4, 120)
+    _check(batched_nms_fixed, boxes, scores, valid, groups, 0.0, 30)
+
+
+@pytest.mark.parametrize("max_out", [50, 2000])
+def test_2000_candidates_several_groups(method, max_out):
+    """If this fails, a row of RPN size (2000 candidates of 4 groups, as one FPN level's
+    pre-NMS top-k) keeps different boxes than torchvision, whether max_out is smaller than the
+    number kept or larger than the row. The Triton interpreter and the reference loop are slow
+    at this size: one row for them."""
+    rows = 1 if method == "triton" else 3
+    boxes, scores, valid, groups = _random_batch(rows, 2000, seed=7, groups=4, size=800.0)
+    indices, keep = nms_module.batched_nms_fixed(boxes, scores, valid, groups, 0.7, max_out,
+                                                 method=method)
+    for i, theirs in enumerate(_torchvision(boxes, scores, valid, groups, 0.7, max_out)):
+        assert keep[i].sum() == len(theirs) and len(theirs) > 40
+        torch.testing.assert_close(indices[i, :len(theirs)], theirs, rtol=0, atol=0)
+
+
+def test_methods_and_default():
+    """If this fails, an unknown method is not refused with its name, or the defaults are not
+    per_cell on a CPU and a synchronisation-free method on a GPU."""
+    boxes, scores, valid, groups = _random_batch(1, 5, seed=8)
+    with pytest.raises(ValueError, match="unknown NMS method 'fast'"):
+        nms_module.batched_nms_fixed(boxes, scores, valid, groups, 0.5, 3, method="fast")
+    assert nms_module.default_method(torch.device("cpu")) == "per_cell"
+    assert nms_module.default_method(torch.device("cuda")) in ("triton", "torch")
+
+
+def test_op_registration(method):
     """If this fails, the op's fake implementation or schema is wrong, so torch.compile
     cannot trace it (see also tests/ops/test_proposals.py for a whole-graph check)."""
-    boxes, scores, valid, groups = _random_batch(2, 30, seed=4)
-    torch.library.opcheck(batched_nms_fixed, (boxes, scores, valid, groups, 0.5, 10))
-    compiled = torch.compile(batched_nms_fixed, backend="eager", fullgraph=True)
-    for ours, theirs in zip(compiled(boxes, scores, valid, groups, 0.5, 10),
-                            batched_nms_fixed(boxes, scores, valid, groups, 0.5, 10), strict=True):
+    op = nms_module.batched_nms_fixed
+    args = (*_random_batch(2, 30, seed=4), 0.5, 10, method)
+    torch.library.opcheck(op, args)
+    compiled = torch.compile(op, backend="eager", fullgraph=True)
+    for ours, theirs in zip(compiled(*args), op(*args), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

@@ -6,7 +6,7 @@ import torch
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from maskrcnn.ops.nms import batched_nms_fixed
+from maskrcnn.ops.nms import METHODS, batched_nms_fixed
 from maskrcnn.ops.proposals import generate_proposals, generate_proposals_reference
 
 # A 64 x 96 canvas; level shapes (H_l, W_l) for strides 8, 16, 32 with 3 anchors per location.
@@ -34,8 +34,17 @@ def _random_rpn_outputs(seed):
     return objectness, deltas, anchors
 
 
-def _compare_with_reference(objectness, deltas, anchors, image_sizes, *args):
-    boxes, scores, valid = generate_proposals(objectness, deltas, anchors, image_sizes, *args)
+@pytest.fixture(params=METHODS)
+def nms_method(request):
+    """Proposal tests run with every NMS method (ops/nms.py; the Triton kernel interpreted on
+    a CPU): the synchronisation-free ones take all levels in one call, the others one per
+    level."""
+    return request.param
+
+
+def _compare_with_reference(objectness, deltas, anchors, image_sizes, *args, nms_method):
+    boxes, scores, valid = generate_proposals(objectness, deltas, anchors, image_sizes, *args,
+                                              nms_method=nms_method)
     ref_boxes, ref_scores, ref_valid = generate_proposals_reference(
         [o.double() for o in objectness], [d.double() for d in deltas],
         [a.double() for a in anchors], image_sizes, *args)
@@ -49,14 +58,15 @@ def _compare_with_reference(objectness, deltas, anchors, image_sizes, *args):
 
 
 @pytest.mark.parametrize(("pre_nms_topk", "post_nms_topk"), [(40, 30), (40, 300), (1000, 1000)])
-def test_matches_reference(pre_nms_topk, post_nms_topk):
+def test_matches_reference(pre_nms_topk, post_nms_topk, nms_method):
     """If this fails, proposals differ from torchvision's algorithm run image by image in
     float64: per-level top-k (smaller or larger than the level), decoding, clipping to each
     image's own size, small-box removal, NMS per level, the best post_nms_topk over levels,
     or the padding when fewer remain."""
     objectness, deltas, anchors = _random_rpn_outputs(seed=0)
     _, _, valid = _compare_with_reference(objectness, deltas, anchors, IMAGE_SIZES,
-                                          pre_nms_topk, post_nms_topk, 0.7, 2.0)
+                                          pre_nms_topk, post_nms_topk, 0.7, 2.0,
+                                          nms_method=nms_method)
     assert valid[:, 0].all()
 
 
@@ -83,7 +93,7 @@ def test_matches_torchvision_filter_proposals():
         torch.testing.assert_close(scores[i, :count].sigmoid(), theirs_probs[i])
 
 
-def test_clips_to_image_not_canvas_and_pads():
+def test_clips_to_image_not_canvas_and_pads(nms_method):
     """If this fails, boxes are clipped to the padded canvas (or the wrong image) instead of
     each image's content, zero-area boxes (an anchor wholly outside the image) or boxes
     under min_size survive, or padding slots are not box 0, score 0, valid False."""
@@ -93,18 +103,18 @@ def test_clips_to_image_not_canvas_and_pads():
     deltas = [torch.zeros(2, 3, 4)]
     image_sizes = torch.tensor([[30, 40], [80, 20]])
     boxes, scores, valid = _compare_with_reference(objectness, deltas, anchors, image_sizes,
-                                                   10, 4, 0.7, 0.0)
+                                                   10, 4, 0.7, 0.0, nms_method=nms_method)
     expected = torch.tensor([[[0.0, 0.0, 40.0, 30.0], [0.0, 0.0, 1.0, 30.0]] + [[0.0] * 4] * 2,
                              [[0.0, 0.0, 20.0, 80.0], [0.0, 0.0, 1.0, 40.0]] + [[0.0] * 4] * 2])
     torch.testing.assert_close(boxes, expected)
     torch.testing.assert_close(scores, torch.tensor([[3.0, 1.0, 0.0, 0.0]] * 2))
     assert valid.tolist() == [[True, True, False, False]] * 2
     _, _, valid = _compare_with_reference(objectness, deltas, anchors, image_sizes,
-                                          10, 4, 0.7, 2.0)
+                                          10, 4, 0.7, 2.0, nms_method=nms_method)
     assert valid.tolist() == [[True, False, False, False]] * 2
 
 
-def test_ties_go_to_the_lower_level_and_nan_is_dropped():
+def test_ties_go_to_the_lower_level_and_nan_is_dropped(nms_method):
     """If this fails, equal logits on different levels are not ranked level first (as
     torchvision's batched_nms does), or a NaN logit, which torchvision's score threshold
     drops, becomes a proposal."""
@@ -114,7 +124,7 @@ def test_ties_go_to_the_lower_level_and_nan_is_dropped():
     image_sizes = torch.tensor([[64, 64], [64, 64]])
     objectness = [torch.tensor([[1.0], [1.0]]), torch.tensor([[1.0, torch.nan], [1.5, 0.0]])]
     boxes, scores, valid = _compare_with_reference(objectness, deltas, anchors, image_sizes,
-                                                   10, 3, 0.7, 0.0)
+                                                   10, 3, 0.7, 0.0, nms_method=nms_method)
     assert valid.tolist() == [[True, True, False], [True, True, True]]
     torch.testing.assert_close(boxes[:, 0], torch.tensor([[0.0, 0.0, 10.0, 10.0],
                                                           [20.0, 0.0, 30.0, 10.0]]))
