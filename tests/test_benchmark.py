@@ -69,8 +69,8 @@ def test_report_has_every_section_and_positive_finite_numbers(run):
             assert value > 0, path
     assert len(report["unmatched_settings"]) >= 3
     assert [row["op"] for row in report["ops"]] == [
-        "proposals", "ROIAlign forward", "ROIAlign backward", "ROIAlign forward",
-        "ROIAlign backward"]
+        "proposals (nms=per_cell)", "proposals (nms=torch)", "proposals (nms=shifted)",
+        "ROIAlign forward", "ROIAlign backward", "ROIAlign forward", "ROIAlign backward"]
 
 
 def test_throughput_times_step_time_is_the_batch(run):

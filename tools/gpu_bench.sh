@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The GPU section of BENCHMARKS.md as one script for a lent GPU machine (no network there):
 #   1. installs the carried wheels (.whl/: pycocotools, and protobuf if the image's is too old);
-#   2. tools/gpu_check.py: our ops and model on the GPU against the CPU;
-#   3. maskrcnn-benchmark of the COCO recipe (config 8x4: R50-FPN, 800x1344 canvas, BF16) at
-#      M = 8, 4, 2 images, against torchvision in the same process (M = 8 with the per-stage
-#      breakdown and the op micro-benchmarks);
+#   2. tools/gpu_check.py: our ops and model on the GPU against the CPU (NMS and proposals with
+#      the Triton kernel, the static PyTorch loop and torchvision's shifted call), and one
+#      training step and one inference forward under torch.cuda.set_sync_debug_mode("error");
+#   3. maskrcnn-benchmark of the COCO recipe (config 8x4: R50-FPN, 800x1344 canvas, BF16,
+#      channels_last) at M = 8, 4, 2 images, against torchvision in the same process (M = 8
+#      with the per-stage breakdown and the op micro-benchmarks: proposals per NMS method
+#      against torchvision's filter_proposals, ROIAlign);
 #   4. the same at M = 8 with run.compile (ours only), if time is left;
 #   5. the CPU test suite under the machine's Python and torch, if time is left.
 # Logs and JSON reports go to $OUT (default runs/gpu). Every stage has its own time limit, so

@@ -3,14 +3,18 @@
 `python tools/gpu_check.py [--device=cuda]`: the CPU test suite checks every op against a simple
 reference; this script checks that the CUDA runs of the same code agree with the CPU runs, on
 fresh random inputs: ROIAlign forward and backward, proposal generation (NMS included), fixed-size
-NMS, mask pasting, the whole model's five training losses and gradients (deterministic sampling
-keys, FP32 with TF32 off) and its detections in eval mode; then a few training steps of the
-trainer's own train_step in BF16 and FP16 (losses must be finite). Prints one line per check and
-exits 1 if any fails. CI never has a GPU: with --device=cpu it compares the CPU with itself,
-which exercises the script only.
+NMS (every GPU method: the Triton kernel, the static PyTorch loop, torchvision's shifted call;
+against the CPU's per-cell torchvision NMS, up to the recipe's sizes), mask pasting, the whole
+model's five training losses and gradients (deterministic sampling keys, FP32 with TF32 off)
+and its detections in eval mode; a few training steps of the trainer's own train_step in BF16
+and FP16 (losses must be finite); then one training step and one inference forward of the 8x4
+model under torch.cuda.set_sync_debug_mode("error") (no host synchronisation). Prints one
+line per check and exits 1 if any fails. CI never has a GPU: with --device=cpu it compares
+the CPU with itself, which exercises the script only.
 """
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -81,39 +85,80 @@ def check_roi_align(device: torch.device, g: torch.Generator) -> None:
             [x.flatten() for x in gpu_grads]), torch.cat([x.flatten() for x in cpu_grads]))
 
 
+def _gpu_methods(device: torch.device) -> list[str]:
+    """The NMS methods to check on the device: the synchronisation-free ones and the old one."""
+    return ["triton", "torch", "shifted"] if device.type == "cuda" else ["torch", "per_cell"]
+
+
 def check_proposals(device: torch.device, g: torch.Generator) -> None:
-    n, h, w = 2, 128, 160
-    anchors = AnchorCache([(h, w)], [16, 32, 64, 128, 256], [0.5, 1.0, 2.0],
-                          [4, 8, 16, 32, 64])((h, w))
-    logits = [torch.randn(n, a.shape[0], generator=g) for a in anchors]
-    deltas = [torch.randn(n, a.shape[0], 4, generator=g) * 0.1 for a in anchors]
-    sizes = torch.tensor([[h, w], [100, 150]])
-    outs = {}
-    for where in (torch.device("cpu"), device):
-        outs[where.type] = generate_proposals(
-            [x.to(where) for x in logits], [x.to(where) for x in deltas],
-            [x.to(where) for x in anchors], sizes.to(where), 300, 200, 0.7, 0.0)
-    (gb, gs, gv), (cb, cs, cv) = outs[device.type], outs["cpu"]
-    same_valid = torch.equal(gv.cpu(), cv)
-    _report("proposals: same valid slots", same_valid,
-            f"{int(gv.sum())} / {int(cv.sum())} valid")
-    if same_valid:
-        _close("proposals: boxes", gb[gv], cb[cv])
-        _close("proposals: scores", gs[gv], cs[cv])
+    """Proposals at a small size with every method, and at one FPN canvas of the 8x4 recipe
+    (800x1344, 2000 per level -> 1000) with the default one, against the CPU's per_cell."""
+    for h, w, n, pre, post in ((128, 160, 2, 300, 200), (800, 1344, 2, 2000, 1000)):
+        anchors = AnchorCache([(h, w)], [32, 64, 128, 256, 512], [0.5, 1.0, 2.0],
+                              [4, 8, 16, 32, 64])((h, w))
+        logits = [torch.randn(n, a.shape[0], generator=g) for a in anchors]
+        deltas = [torch.randn(n, a.shape[0], 4, generator=g) * 0.1 for a in anchors]
+        sizes = torch.tensor([[h, w], [h * 3 // 4, w * 2 // 3]])
+        cb, cs, cv = generate_proposals(logits, deltas, anchors, sizes, pre, post, 0.7, 0.0,
+                                        "per_cell")
+        methods = _gpu_methods(device) if h == 128 else _gpu_methods(device)[:1]
+        for method in methods:
+            gb, gs, gv = generate_proposals(
+                [x.to(device) for x in logits], [x.to(device) for x in deltas],
+                [x.to(device) for x in anchors], sizes.to(device), pre, post, 0.7, 0.0, method)
+            name = f"proposals {h}x{w} ({method})"
+            same_valid = torch.equal(gv.cpu(), cv)
+            _report(f"{name}: same valid slots", same_valid,
+                    f"{int(gv.sum())} / {int(cv.sum())} valid")
+            if same_valid:
+                _close(f"{name}: boxes", gb[gv], cb[cv])
+                _close(f"{name}: scores", gs[gv], cs[cv])
 
 
 def check_nms(device: torch.device, g: torch.Generator) -> None:
-    b, k = 3, 400
-    xy = torch.rand(b, k, 2, generator=g) * 200
-    boxes = torch.cat([xy, xy + 10 + torch.rand(b, k, 2, generator=g) * 60], -1)
-    scores = torch.rand(b, k, generator=g)
-    valid = torch.rand(b, k, generator=g) > 0.2
-    groups = torch.randint(0, 4, (b, k), generator=g)
-    gi, gk = batched_nms_fixed(boxes.to(device), scores.to(device), valid.to(device),
-                               groups.to(device), 0.5, 100)
-    ci, ck = batched_nms_fixed(boxes, scores, valid, groups, 0.5, 100)
-    same = torch.equal(gk.cpu(), ck) and torch.equal(gi.cpu()[ck], ci[ck])
-    _report("fixed-size NMS: same kept boxes", same, f"{int(ck.sum())} kept of {b * k}")
+    """Fixed-size NMS with every method against the CPU's per_cell at three sizes: small, one
+    RPN level of 8 images (2000 candidates, 1000 kept) and the detection NMS (5000
+    candidates of 80 classes, 100 kept)."""
+    for b, k, groups, max_out in ((3, 400, 4, 100), (8, 2000, 1, 1000), (2, 5000, 80, 100)):
+        xy = torch.rand(b, k, 2, generator=g) * 800
+        boxes = torch.cat([xy, xy + 10 + torch.rand(b, k, 2, generator=g) * 200], -1)
+        scores = torch.rand(b, k, generator=g)
+        valid = torch.rand(b, k, generator=g) > 0.2
+        group = torch.randint(0, groups, (b, k), generator=g)
+        ci, ck = batched_nms_fixed(boxes, scores, valid, group, 0.5, max_out, "per_cell")
+        for method in _gpu_methods(device):
+            gi, gk = batched_nms_fixed(boxes.to(device), scores.to(device), valid.to(device),
+                                       group.to(device), 0.5, max_out, method)
+            same = torch.equal(gk.cpu(), ck) and torch.equal(gi.cpu()[ck], ci[ck])
+            _report(f"NMS {b}x{k}, {groups} groups ({method}): same kept boxes", same,
+                    f"{int(ck.sum())} kept of {b * k}")
+
+
+def check_no_host_sync(device: torch.device) -> None:
+    """One eager training step and one inference forward of the 8x4 recipe's model (2 images,
+    BF16) under torch.cuda.set_sync_debug_mode("error"): any synchronising op raises."""
+    if device.type != "cuda":
+        _report("no host synchronisation", True, "not checked: needs CUDA")
+        return
+    config = load_config("8x4", ["run { images_per_gpu: 2 }"])
+    trainer = BenchTrainer(config, device)
+    batch = synthetic_batch(config).to(device)
+    trainer.train_step(batch)  # warm-up: cuDNN autotuning and lazy initialisation
+    torch.cuda.synchronize(device)
+    for what, run in (("training step", lambda: trainer.train_step(batch)),
+                      ("inference forward", lambda: trainer.model.eval()(batch.images,
+                                                                         batch.image_sizes))):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.no_grad() if what != "training step" else contextlib.nullcontext():
+                run()
+            ok, detail = True, "no synchronising op"
+        except RuntimeError as error:
+            ok, detail = False, str(error).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize(device)
+        _report(f"no host synchronisation in the {what}", ok, detail)
 
 
 def check_paste_masks(device: torch.device, g: torch.Generator) -> None:
@@ -201,6 +246,7 @@ def main() -> int:
     check_paste_masks(device, g)
     check_model(device)
     check_training(device)
+    check_no_host_sync(device)
     print(f"{len(failures)} failed ({time.perf_counter() - start:.1f} s)"
           + (": " + ", ".join(failures) if failures else ""))
     return 1 if failures else 0

@@ -4,11 +4,13 @@ Shape legend: N images (run.images_per_gpu), H x W the first canvas, C FPN chann
 on level l, R RoIs per image (roi_heads.batch_size_per_image), F mask slots per image.
 
 Proposals (NMS included): ours is `generate_proposals` (per level: top-k logits, decode those,
-clip, drop small boxes, NMS; then the best P per image; batched over the images). torchvision's
-is what its RegionProposalNetwork runs after the head in training: BoxCoder.decode of every
-anchor, then filter_proposals (per level top-k, clip, drop small boxes, one batched_nms over
-the levels per image, best P). Same random logits and deltas, same anchors, the config's RPN
-training top-k and NMS threshold.
+clip, drop small boxes, NMS; then the best P per image; batched over the images), once per NMS
+method: the device's default (a GPU's: the Triton kernel), the static PyTorch loop, and
+torchvision's nms in one shifted call (the GPU path before the kernel, which synchronises).
+torchvision's is what its RegionProposalNetwork runs after the head in training:
+BoxCoder.decode of every anchor, then filter_proposals (per level top-k, clip, drop small
+boxes, one batched_nms over the levels per image, best P). Same random logits and deltas,
+same anchors, the config's RPN training top-k and NMS threshold.
 
 ROIAlign: ours is `multilevel_roi_align`, torchvision's MultiScaleRoIAlign (level assignment,
 one roi_align per level), on the same float32 P2..P5 features (requiring grad) and random
@@ -29,6 +31,7 @@ from maskrcnn.bench.measure import synchronize
 from maskrcnn.bench.torchvision_baseline import POOLED, build_torchvision_model
 from maskrcnn.config import Config
 from maskrcnn.model.anchors import AnchorCache
+from maskrcnn.ops.nms import default_method
 from maskrcnn.ops.proposals import generate_proposals
 from maskrcnn.ops.roi_align import multilevel_roi_align
 
@@ -61,8 +64,9 @@ def _row(op: str, case: str, ours_ms: float, theirs_ms: float, check: str) -> di
             "speedup": theirs_ms / ours_ms, "check": check}
 
 
-def bench_proposals(config: Config, device: torch.device, runs: int, warmup: int) -> dict:
-    """Proposal generation of one training step: ours against torchvision's RPN filtering."""
+def bench_proposals(config: Config, device: torch.device, runs: int, warmup: int) -> list[dict]:
+    """Proposal generation of one training step: ours, with each NMS method the device runs
+    (ops/nms.py; the default first), against torchvision's RPN filtering. One row each."""
     n = config.run.images_per_gpu
     h, w = config.data.canvas[0].height, config.data.canvas[0].width
     a, rpn = config.model.anchors, config.model.rpn
@@ -78,23 +82,29 @@ def bench_proposals(config: Config, device: torch.device, runs: int, warmup: int
     tv_logits = torch.cat(logits, dim=1).reshape(-1, 1)  # (N, A) -> (N*A, 1)
     tv_deltas = torch.cat(deltas, dim=1).reshape(-1, 4)  # (N, A, 4) -> (N*A, 4)
 
-    def ours():
+    def ours(method: str):
         return generate_proposals(logits, deltas, anchors, image_sizes, rpn.pre_nms_topk_train,
-                                  rpn.post_nms_topk_train, rpn.nms_threshold, rpn.min_box_size)
+                                  rpn.post_nms_topk_train, rpn.nms_threshold, rpn.min_box_size,
+                                  method)
 
     def theirs():
         boxes = tv_rpn.box_coder.decode(tv_deltas, [all_anchors] * n).view(n, -1, 4)
         return tv_rpn.filter_proposals(boxes, tv_logits, [(h, w)] * n,
                                        [x.shape[0] for x in anchors])
 
-    ours_ms = _median_ms(_timed(ours, device), runs, warmup)
     theirs_ms = _median_ms(_timed(theirs, device), runs, warmup)
-    kept_ours = ours()[2].sum().item() / n
     kept_theirs = sum(len(b) for b in theirs()[0]) / n
     case = (f"N={n}, {h}x{w}, {sum(x.shape[0] for x in anchors)} anchors, top "
             f"{rpn.pre_nms_topk_train}/level -> {rpn.post_nms_topk_train}")
-    return _row("proposals", case, ours_ms, theirs_ms,
-                f"kept per image {kept_ours:.0f} / {kept_theirs:.0f}")
+    default = default_method(device)
+    methods = [default] + [m for m in ("torch", "shifted") if m != default]
+    rows = []
+    for method in methods:
+        ours_ms = _median_ms(_timed(lambda method=method: ours(method), device), runs, warmup)
+        kept_ours = ours(method)[2].sum().item() / n
+        rows.append(_row(f"proposals (nms={method})", case, ours_ms, theirs_ms,
+                         f"kept per image {kept_ours:.0f} / {kept_theirs:.0f}"))
+    return rows
 
 
 def _random_rois(n: int, per_image: int, canvas: tuple[int, int],
@@ -159,7 +169,7 @@ def bench_ops(config: Config, device: torch.device, runs: int, warmup: int) -> l
     """
     roi = config.model.roi_heads
     return [
-        bench_proposals(config, device, runs, warmup),
+        *bench_proposals(config, device, runs, warmup),
         *bench_roi_align(config, device, "box head", roi.batch_size_per_image,
                          roi.pooler_resolution, runs, warmup),
         *bench_roi_align(config, device, "mask head",
