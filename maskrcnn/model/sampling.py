@@ -17,6 +17,9 @@ from maskrcnn.ops.boxes import box_iou
 
 # Labels of a candidate.
 FOREGROUND, BACKGROUND, IGNORE = 1, 0, -1
+# Candidates matched at once (see `match`): 2 images x 100 ground-truth slots x 16384 anchors
+# is a 13 MB float32 IoU tile; the 800x1344 canvas has 268,569 anchors, 17 tiles.
+MATCH_TILE = 16384
 
 Keys = Callable[[torch.Tensor], torch.Tensor]  # labels int[N, K] -> float[N, K] in [0, 1)
 # Loss normalisers from the counts they divide by: float[C] -> float[C]. One process:
@@ -53,8 +56,8 @@ def local_counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 def match(candidates: torch.Tensor, candidates_valid: torch.Tensor, gt_boxes: torch.Tensor,
-          gt_valid: torch.Tensor, fg_iou: float, bg_iou: float,
-          allow_low_quality: bool) -> tuple[torch.Tensor, torch.Tensor]:
+          gt_valid: torch.Tensor, fg_iou: float, bg_iou: float, allow_low_quality: bool,
+          tile: int = MATCH_TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """Assigns each candidate its best ground truth and a label.
 
     Args:
@@ -64,9 +67,68 @@ def match(candidates: torch.Tensor, candidates_valid: torch.Tensor, gt_boxes: to
         fg_iou, bg_iou: IoU >= fg_iou is FOREGROUND, < bg_iou BACKGROUND, between IGNORE.
         allow_low_quality: also make FOREGROUND every candidate whose IoU with some ground
             truth equals that ground truth's best IoU (> 0), so each object gets a candidate.
+        tile: candidates whose IoUs with the ground truth are computed at once.
 
     Returns:
         matched int64[N, K] in 0..G-1 (0 where no valid ground truth), labels int64[N, K].
+
+    How: in tiles of candidates, never the whole float[N, G, K] IoU matrix (860 MB for 8
+    images x 100 slots x 268,569 anchors): a first pass keeps each candidate's best IoU and
+    ground truth, and each ground truth's best IoU over the valid candidates; with
+    allow_low_quality a second pass recomputes each tile's IoUs (unless there is only one) to
+    find the candidates at those bests. Peak memory is O(N x K + N x G x tile); a static loop
+    over the tiles, no host read. Each IoU is computed exactly as `match_reference` computes
+    it, so the results are the same (tests).
+    """
+    n, k = gt_boxes.shape[0], candidates.shape[-2]
+    if candidates.dim() == 2:
+        candidates = candidates.unsqueeze(0).expand(n, -1, -1)
+        candidates_valid = candidates_valid.unsqueeze(0).expand(n, -1)
+    if k == 0:
+        empty = torch.zeros(n, 0, dtype=torch.int64, device=gt_boxes.device)
+        return empty, empty.clone()
+    gt = gt_boxes.float()
+    gt_ok = gt_valid.unsqueeze(-1)  # (N, G, 1)
+
+    def tile_iou(start: int) -> torch.Tensor:
+        # (N, G, T): padded ground truth gets -1, so it never wins a match.
+        iou = box_iou(gt, candidates[:, start:start + tile].float())
+        return torch.where(gt_ok, iou, -1.0)
+
+    best, matched, best_per_gt = [], [], None
+    one_tile = k <= tile  # then the second pass reuses the first pass's IoUs
+    for start in range(0, k, tile):
+        iou = tile_iou(start)
+        tile_best, tile_matched = iou.max(dim=1)  # (N, T)
+        best.append(tile_best)
+        matched.append(tile_matched)
+        if allow_low_quality:  # each ground truth's best IoU over the valid candidates
+            usable = torch.where(candidates_valid[:, None, start:start + tile], iou, -1.0)
+            tile_max = usable.amax(dim=2)  # (N, G)
+            best_per_gt = tile_max if best_per_gt is None else torch.maximum(best_per_gt,
+                                                                             tile_max)
+    best, matched = torch.cat(best, dim=1), torch.cat(matched, dim=1)  # (N, K)
+    labels = torch.full_like(matched, IGNORE)
+    labels = torch.where(best < bg_iou, BACKGROUND, labels)
+    labels = torch.where(best >= fg_iou, FOREGROUND, labels)
+    if allow_low_quality:
+        target = best_per_gt.unsqueeze(-1)  # (N, G, 1)
+        wanted = (target > 0) & gt_ok
+        is_best = []
+        for start in range(0, k, tile):
+            usable = torch.where(candidates_valid[:, None, start:start + tile],
+                                 iou if one_tile else tile_iou(start), -1.0)
+            is_best.append(((usable == target) & wanted).any(dim=1))  # (N, T)
+        labels = torch.where(torch.cat(is_best, dim=1), FOREGROUND, labels)
+    labels = torch.where(candidates_valid, labels, IGNORE)
+    return matched, labels
+
+
+def match_reference(candidates: torch.Tensor, candidates_valid: torch.Tensor,
+                    gt_boxes: torch.Tensor, gt_valid: torch.Tensor, fg_iou: float, bg_iou: float,
+                    allow_low_quality: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for `match`: the whole float[N, G, K] IoU matrix at once (several copies of
+    it: 860 MB each for 8 images x 100 slots x 268,569 anchors). Same arguments and outputs.
     """
     n = gt_boxes.shape[0]
     if candidates.dim() == 2:

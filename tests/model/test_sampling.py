@@ -1,8 +1,16 @@
 """Matching and fixed-size sampling, on hand-made cases."""
 
+import pytest
 import torch
 
-from maskrcnn.model.sampling import BACKGROUND, FOREGROUND, IGNORE, match, sample
+from maskrcnn.model.sampling import (
+    BACKGROUND,
+    FOREGROUND,
+    IGNORE,
+    match,
+    match_reference,
+    sample,
+)
 
 
 def test_match_labels_and_low_quality_matches():
@@ -58,3 +66,37 @@ def test_random_sampling_is_balanced():
         index, _, _ = sample(labels, 100, 0.5)
         counts[index[0]] += 1
     assert counts.min() > 5 and counts.max() < 45  # expected 20 each
+
+
+def _random_matching_case(seed, n=3, g=7, k=1000, shared=True):
+    gen = torch.Generator().manual_seed(seed)
+    def boxes(*shape):
+        xy = torch.rand(*shape, 2, generator=gen) * 200
+        return torch.cat([xy, xy + 2 + torch.rand(*shape, 2, generator=gen) * 80], -1)
+    candidates = boxes(k) if shared else boxes(n, k)
+    # Some candidates duplicate a ground-truth box exactly (ties at IoU 1), some repeat
+    # another candidate (ties at each ground truth's best).
+    gt = boxes(n, g)
+    gt_valid = torch.rand(n, g, generator=gen) > 0.3
+    if shared:
+        candidates[10:13] = gt[0, :3]
+        candidates[500:520] = candidates[100:120]
+        valid = torch.rand(k, generator=gen) > 0.1
+    else:
+        candidates[:, 10:13] = gt[:, :3]
+        valid = torch.rand(n, k, generator=gen) > 0.1
+    return candidates, valid, gt, gt_valid
+
+
+@pytest.mark.parametrize("tile", [1, 64, 999, 1000, 4096])
+@pytest.mark.parametrize("shared", [True, False])
+def test_tiled_match_equals_the_whole_matrix(tile, shared):
+    """If this fails, matching candidates in tiles (anchors without the N x G x A IoU matrix)
+    gives other matched ground truth or labels than the whole matrix: a tile boundary loses
+    a ground truth's best IoU, a tie, or the low-quality rule."""
+    for low_quality, thresholds in ((True, (0.7, 0.3)), (False, (0.5, 0.5))):
+        args = (*_random_matching_case(tile, shared=shared), *thresholds, low_quality)
+        ours = match(*args, tile=tile)
+        ref = match_reference(*args)
+        assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+        assert (ref[1] == FOREGROUND).sum() > 3  # the case has positives
