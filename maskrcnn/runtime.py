@@ -6,6 +6,8 @@ A CPU and a GPU run the same model with two differences of method, never of math
   of the batch uses (model/trim.py); a GPU keeps every static size.
 - nms: how `batched_nms_fixed` runs (ops/nms.py): torchvision's C++ kernel per cell on a CPU,
   the Triton kernel (or its PyTorch reference) with no host synchronisation on a GPU.
+It also holds the process's rank and world size, from which `build_model` chooses how the
+model draws sampling keys and normalises its losses.
 Tests run the GPU's code path on the CPU by building with `Runtime.gpu_path()`.
 """
 
@@ -25,11 +27,16 @@ class Runtime:
         nms: the NMS method, one of ops.nms.METHODS.
         fold_frozen_bn: run each conv and its frozen batch norm as one conv (the same maths
             with other float rounding; the parity test with torchvision turns it off).
+        rank, world_size: this process in data-parallel training. With world_size > 1 the
+            model draws its sampling keys as rows of the global batch and sums its loss
+            normalisers over the ranks (model/sampling.py, engine/distributed.py).
     """
 
     trim_slots: bool
     nms: str
     fold_frozen_bn: bool = True
+    rank: int = 0
+    world_size: int = 1
 
     def __post_init__(self):
         if self.nms not in METHODS:
@@ -37,10 +44,12 @@ class Runtime:
                              f"{', '.join(METHODS)}")
 
     @classmethod
-    def for_device(cls, device: torch.device | str) -> "Runtime":
-        """The fastest choices on `device`."""
+    def for_device(cls, device: torch.device | str, rank: int = 0,
+                   world_size: int = 1) -> "Runtime":
+        """The fastest choices on `device`, for process `rank` of `world_size`."""
         device = torch.device(device)
-        return cls(trim_slots=device.type == "cpu", nms=default_method(device))
+        return cls(trim_slots=device.type == "cpu", nms=default_method(device), rank=rank,
+                   world_size=world_size)
 
     @classmethod
     def gpu_path(cls, nms: str = "torch") -> "Runtime":

@@ -178,13 +178,12 @@ def check_model(device: torch.device) -> None:
     config = _model_config()
     batch = synthetic_batch(config, seed=1)
     torch.manual_seed(0)
-    cpu_model = build_model(config)
-    gpu_model = build_model(config, Runtime.for_device(device))
+    cpu_model = build_model(config, keys=_fixed_keys)
+    gpu_model = build_model(config, Runtime.for_device(device), keys=_fixed_keys)
     gpu_model.load_state_dict(cpu_model.state_dict())
     gpu_model.to(device)
     results = {}
     for where, model in (("cpu", cpu_model), (device.type, gpu_model)):
-        model.rpn.keys = model.roi_heads.keys = _fixed_keys
         on = batch.to(torch.device(where) if where == "cpu" else device)
         inputs = (on.images, on.image_sizes, on.gt_boxes, on.gt_classes, on.gt_valid,
                   on.gt_masks)

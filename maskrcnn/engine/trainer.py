@@ -65,7 +65,6 @@ from maskrcnn.engine.solver import (
     make_schedule,
 )
 from maskrcnn.model.maskrcnn import MaskRCNN, build_model
-from maskrcnn.model.sampling import global_batch_keys
 from maskrcnn.runtime import Runtime
 
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")
@@ -274,7 +273,7 @@ class Trainer:
         workers_ignore_stop_signals(self.loader)
         self.schedule = make_schedule(config, len(dataset), self.sampler.steps_per_epoch)
 
-        self.runtime = Runtime.for_device(device)
+        self.runtime = Runtime.for_device(device, rank, world_size)
         self.model = build_model(config, self.runtime).to(device)
         if config.run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -288,9 +287,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.run.precision == FP16)
         self.forward = self.model
         if world_size > 1:
-            for stage in (self.model.rpn, self.model.roi_heads):
-                stage.keys = global_batch_keys(rank, world_size)
-                stage.normalizers = distributed.global_counts
             # Every trainable parameter gets a gradient in every step, also without ground
             # truth (tests/engine/test_distributed.py), so DDP need not look for unused ones
             # (static_graph would add nothing then, and does not suit torch.compile's

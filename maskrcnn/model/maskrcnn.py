@@ -9,10 +9,12 @@ from torch import nn
 from torch.profiler import record_function
 
 from maskrcnn.config import Config, config_pb2
+from maskrcnn.engine import distributed
 from maskrcnn.model.anchors import AnchorCache
 from maskrcnn.model.backbone import Backbone
 from maskrcnn.model.roi_heads import RoIHeads
 from maskrcnn.model.rpn import RPN
+from maskrcnn.model.sampling import Keys, global_batch_keys, local_counts, uniform_keys
 from maskrcnn.model.trim import trimming, used_slots
 from maskrcnn.runtime import Runtime
 
@@ -86,10 +88,17 @@ class MaskRCNN(nn.Module):
         return losses
 
 
-def build_model(config: Config, runtime: Runtime | None = None) -> MaskRCNN:
+def build_model(config: Config, runtime: Runtime | None = None,
+                keys: Keys | None = None) -> MaskRCNN:
     """The model a config describes (weights random, or ImageNet backbone weights from
-    model.backbone.weights_path), computing as `runtime` says (default: a CPU's choices)."""
+    model.backbone.weights_path), computing as `runtime` says (default: a CPU's choices, one
+    process). With several processes its sampling keys are rows of the global batch's and its
+    loss normalisers are summed over the ranks; `keys` replaces the keys (tests)."""
     runtime = runtime or Runtime.for_device("cpu")
+    parallel = runtime.world_size > 1
+    if keys is None:
+        keys = global_batch_keys(runtime.rank, runtime.world_size) if parallel else uniform_keys
+    normalizers = distributed.global_counts if parallel else local_counts
     m = config.model
     rpn, roi = m.rpn, m.roi_heads
     strides = list(m.anchors.strides)
@@ -107,7 +116,7 @@ def build_model(config: Config, runtime: Runtime | None = None) -> MaskRCNN:
                 pre_nms_topk=(rpn.pre_nms_topk_train, rpn.pre_nms_topk_test),
                 post_nms_topk=(rpn.post_nms_topk_train, rpn.post_nms_topk_test),
                 nms_threshold=rpn.nms_threshold, min_box_size=rpn.min_box_size,
-                nms_method=runtime.nms),
+                nms_method=runtime.nms, keys=keys, normalizers=normalizers),
         roi_heads=RoIHeads(
             channels=m.fpn_channels, strides=strides[:POOLED_LEVELS],
             num_classes=m.num_classes, box_head_dim=roi.box_head_dim,
@@ -122,7 +131,7 @@ def build_model(config: Config, runtime: Runtime | None = None) -> MaskRCNN:
             box_head_convs=roi.box_head_convs, head_group_norm=roi.head_group_norm,
             class_agnostic_boxes=roi.class_agnostic_boxes,
             class_agnostic_masks=roi.class_agnostic_masks, trim_slots=runtime.trim_slots,
-            nms_method=runtime.nms),
+            nms_method=runtime.nms, keys=keys, normalizers=normalizers),
         pixel_mean=list(m.pixel_mean),
         pixel_std=list(m.pixel_std),
         trim_slots=runtime.trim_slots,

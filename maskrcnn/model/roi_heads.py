@@ -11,7 +11,14 @@ from torch.nn import functional as F
 
 from maskrcnn.data.gt_masks import mask_targets
 from maskrcnn.model.backbone import GN_GROUPS
-from maskrcnn.model.sampling import local_counts, match, sample, uniform_keys
+from maskrcnn.model.sampling import (
+    Keys,
+    Normalizers,
+    local_counts,
+    match,
+    sample,
+    uniform_keys,
+)
 from maskrcnn.model.trim import foreground_slots, trimming, used_slots
 from maskrcnn.ops.boxes import clip_boxes, decode_boxes, encode_boxes
 from maskrcnn.ops.nms import batched_nms_fixed
@@ -121,6 +128,9 @@ class RoIHeads(nn.Module):
         head_group_norm: GroupNorm after every 3x3 conv of the box and mask heads.
         class_agnostic_boxes, class_agnostic_masks: one box regression / one mask per RoI
             instead of one per class.
+        trim_slots: skip padded slots where host reads are free (model/trim.py);
+            nms_method: how the detection NMS runs (ops/nms.py).
+        keys, normalizers: as RPN's.
     """
 
     def __init__(self, channels: int, strides: list[int], num_classes: int, box_head_dim: int,
@@ -130,7 +140,8 @@ class RoIHeads(nn.Module):
                  score_threshold: float, nms_threshold: float, detections_per_image: int,
                  aligned: bool = True, box_head_convs: int = 0, head_group_norm: bool = False,
                  class_agnostic_boxes: bool = False, class_agnostic_masks: bool = False,
-                 trim_slots: bool = False, nms_method: str = "auto"):
+                 trim_slots: bool = False, nms_method: str = "auto",
+                 keys: Keys = uniform_keys, normalizers: Normalizers = local_counts):
         super().__init__()
         self.trim_slots = trim_slots
         self.nms_method = nms_method
@@ -151,8 +162,8 @@ class RoIHeads(nn.Module):
         self.nms_threshold = nms_threshold
         self.detections_per_image = detections_per_image
         self.aligned = aligned
-        self.keys = uniform_keys  # tests swap in deterministic keys
-        self.normalizers = local_counts  # data-parallel training sums counts over ranks
+        self.keys = keys  # tests pass deterministic keys
+        self.normalizers = normalizers  # data-parallel training sums counts over ranks
 
     def _pool(self, features: list[torch.Tensor], boxes: torch.Tensor,
               resolution: int) -> torch.Tensor:

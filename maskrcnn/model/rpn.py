@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from maskrcnn.model.sampling import local_counts, match, sample, uniform_keys
+from maskrcnn.model.sampling import Keys, Normalizers, local_counts, match, sample, uniform_keys
 from maskrcnn.ops.boxes import encode_boxes
 from maskrcnn.ops.proposals import generate_proposals
 
@@ -57,12 +57,16 @@ class RPN(nn.Module):
         fg_iou_threshold, bg_iou_threshold: anchor labels (IoU with ground truth).
         pre_nms_topk, post_nms_topk: (train, test) pairs: per level before NMS, per image after.
         nms_threshold: IoU of proposal NMS; min_box_size: smaller proposals are dropped.
+        nms_method: how the NMS runs (ops/nms.py), "auto" for the device's default.
+        keys: random sampling keys (model/sampling.py); normalizers: the loss normalisers
+            from the counts (local, or summed over the ranks in data-parallel training).
     """
 
     def __init__(self, channels: int, anchors_per_location: int, batch_size_per_image: int,
                  positive_fraction: float, fg_iou_threshold: float, bg_iou_threshold: float,
                  pre_nms_topk: tuple[int, int], post_nms_topk: tuple[int, int],
-                 nms_threshold: float, min_box_size: float, nms_method: str = "auto"):
+                 nms_threshold: float, min_box_size: float, nms_method: str = "auto",
+                 keys: Keys = uniform_keys, normalizers: Normalizers = local_counts):
         super().__init__()
         self.nms_method = nms_method
         self.head = RPNHead(channels, anchors_per_location)
@@ -74,8 +78,8 @@ class RPN(nn.Module):
         self.post_nms_topk = post_nms_topk
         self.nms_threshold = nms_threshold
         self.min_box_size = min_box_size
-        self.keys = uniform_keys  # tests swap in deterministic keys
-        self.normalizers = local_counts  # data-parallel training sums counts over ranks
+        self.keys = keys  # tests pass deterministic keys
+        self.normalizers = normalizers  # data-parallel training sums counts over ranks
 
     def forward(self, features: list[torch.Tensor], anchors: list[torch.Tensor],
                 image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,

@@ -53,9 +53,7 @@ def _batch(n, seed=0):
 
 def _model(runtime=None):
     torch.manual_seed(0)
-    model = build_model(_config(), runtime)
-    model.rpn.keys = _fixed_keys
-    model.roi_heads.keys = _fixed_keys
+    model = build_model(_config(), runtime, keys=_fixed_keys)
     return model
 
 
@@ -81,8 +79,7 @@ def test_losses_stay_finite_when_rois_outnumber_proposals():
     config = _config()
     config.model.rpn.post_nms_topk_train = 4  # 4 proposals + <= 4 gt boxes << 64 RoIs
     torch.manual_seed(0)
-    model = build_model(config).train()
-    model.rpn.keys = model.roi_heads.keys = _fixed_keys
+    model = build_model(config, keys=_fixed_keys).train()
     losses = model(*_batch(4))
     assert all(math.isfinite(v.item()) for v in losses.values()), losses
     sum(losses.values()).backward()
@@ -181,8 +178,7 @@ def test_class_agnostic_heads_ignore_the_class():
     config.model.roi_heads.class_agnostic_boxes = True
     config.model.roi_heads.class_agnostic_masks = True
     torch.manual_seed(0)
-    model = build_model(config).train()
-    model.rpn.keys = model.roi_heads.keys = _fixed_keys
+    model = build_model(config, keys=_fixed_keys).train()
     assert model.roi_heads.box_head.bbox_pred.out_features == 4
     assert model.roi_heads.mask_head.logits.out_channels == 1
     batch = _batch(3)
@@ -214,8 +210,8 @@ def test_trimmed_slots_give_the_same_losses_and_gradients():
         config.model.rpn.pre_nms_topk_train = 8
         config.model.rpn.post_nms_topk_train = 40
         torch.manual_seed(0)
-        model = build_model(config, Runtime.for_device("cpu").replace(trim_slots=trim)).train()
-        model.rpn.keys = model.roi_heads.keys = _fixed_keys
+        model = build_model(config, Runtime.for_device("cpu").replace(trim_slots=trim),
+                            keys=_fixed_keys).train()
         rpn_losses = model.rpn.losses
 
         def spy(objectness, deltas, anchors, gt_boxes, gt_valid, rpn_losses=rpn_losses):
