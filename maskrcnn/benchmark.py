@@ -41,13 +41,14 @@ from maskrcnn.bench.measure import (
     time_rounds,
 )
 from maskrcnn.bench.ops import bench_ops
-from maskrcnn.bench.step import BenchTrainer, inference_step
+from maskrcnn.bench.step import bench_step, inference_step
 from maskrcnn.bench.synthetic import synthetic_batch, torchvision_inputs
 from maskrcnn.bench.torchvision_baseline import TorchvisionBaseline, unmatched_settings
 from maskrcnn.cli import run_command
 from maskrcnn.config import Config, ConfigError, config_pb2
 from maskrcnn.config.flags import FLAGS, config_from_flags
 from maskrcnn.data.batch import Batch
+from maskrcnn.engine.step import TrainStep
 from maskrcnn.engine.trainer import resolve_device
 
 BASELINES = ("none", "torchvision")
@@ -160,13 +161,14 @@ def _set_up(name: str, model: torch.nn.Module, train: Callable[[], object],
     return _Side(name, model, train, infer, flops, memory, last, count_detections)
 
 
-def set_up_ours(config: Config, batch: Batch, device: torch.device) -> tuple[_Side, BenchTrainer]:
+def set_up_ours(config: Config, batch: Batch,
+                device: torch.device) -> tuple[_Side, TrainStep]:
     last = {}
     with PeakMemory(device) as memory:
-        trainer = BenchTrainer(config, device)
+        trainer = bench_step(config, device)
 
         def train():
-            last["loss"] = trainer.train_step(batch)
+            last["loss"] = trainer(batch)
 
         def count():
             # RoIs in the mask head: the static F slots per image, fewer where the CPU trims

@@ -32,7 +32,8 @@ from maskrcnn.engine.evaluate import (
     read_results,
     score,
 )
-from maskrcnn.engine.trainer import autocast_dtype, load_model_state, resolve_device
+from maskrcnn.engine.step import autocast_dtype
+from maskrcnn.engine.trainer import load_model_state, resolve_device
 from maskrcnn.model.maskrcnn import build_model
 from maskrcnn.runtime import Runtime
 

@@ -6,7 +6,7 @@ fresh random inputs: ROIAlign forward and backward, proposal generation (NMS inc
 NMS (every GPU method: the Triton kernel, the static PyTorch loop, torchvision's shifted call;
 against the CPU's per-cell torchvision NMS, up to the recipe's sizes), mask pasting, the whole
 model's five training losses and gradients (deterministic sampling keys, FP32 with TF32 off)
-and its detections in eval mode; a few training steps of the trainer's own train_step in BF16
+and its detections in eval mode; a few training steps of the trainer's own TrainStep in BF16
 and FP16 (losses must be finite); then one training step and one inference forward of the 8x4
 model under torch.cuda.set_sync_debug_mode("error") (no host synchronisation). Prints one
 line per check and exits 1 if any fails. CI never has a GPU: with --device=cpu it compares
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from maskrcnn.bench.step import BenchTrainer
+from maskrcnn.bench.step import bench_step
 from maskrcnn.bench.synthetic import synthetic_batch
 from maskrcnn.config import load_config
 from maskrcnn.model.anchors import AnchorCache
@@ -141,11 +141,11 @@ def check_no_host_sync(device: torch.device) -> None:
         _report("no host synchronisation", True, "not checked: needs CUDA")
         return
     config = load_config("8x4", ["run { images_per_gpu: 2 }"])
-    trainer = BenchTrainer(config, device)
+    trainer = bench_step(config, device)
     batch = synthetic_batch(config).to(device)
-    trainer.train_step(batch)  # warm-up: cuDNN autotuning and lazy initialisation
+    trainer(batch)  # warm-up: cuDNN autotuning and lazy initialisation
     torch.cuda.synchronize(device)
-    for what, run in (("training step", lambda: trainer.train_step(batch)),
+    for what, run in (("training step", lambda: trainer(batch)),
                       ("inference forward", lambda: trainer.model.eval()(batch.images,
                                                                          batch.image_sizes))):
         torch.cuda.set_sync_debug_mode("error")
@@ -216,12 +216,12 @@ def check_model(device: torch.device) -> None:
 
 
 def check_training(device: torch.device) -> None:
-    """A few steps of the trainer's own train_step in each autocast precision."""
+    """A few steps of the trainer's own TrainStep in each autocast precision."""
     for precision in ("BF16", "FP16"):
         config = load_config("shapes", [f"run {{ images_per_gpu: 4 precision: {precision} }}"])
-        trainer = BenchTrainer(config, device)
+        trainer = bench_step(config, device)
         batch = synthetic_batch(config).to(device)
-        losses = torch.stack([trainer.train_step(batch) for _ in range(3)])
+        losses = torch.stack([trainer(batch) for _ in range(3)])
         _report(f"train_step in {precision}: finite losses", bool(torch.isfinite(losses).all()),
                 "losses of step 3: " + " ".join(f"{x:.4f}" for x in losses[-1].tolist()))
 

@@ -33,7 +33,7 @@ from maskrcnn.bench.step import bench_schedule
 from maskrcnn.config import Config, config_pb2
 from maskrcnn.config.config_pb2 import FP16
 from maskrcnn.engine.solver import apply_gradients, build_lr_scheduler, build_optimizer
-from maskrcnn.engine.trainer import autocast_dtype
+from maskrcnn.engine.step import autocast_dtype
 from maskrcnn.model.backbone import GN_GROUPS
 from maskrcnn.model.roi_heads import MAX_NMS_CANDIDATES
 from maskrcnn.runtime import Runtime

@@ -24,7 +24,7 @@ from maskrcnn.data.transforms import (
     resized_size,
 )
 from maskrcnn.engine.evaluate import detections_to_coco
-from maskrcnn.engine.trainer import autocast_dtype, unwrap
+from maskrcnn.engine.step import autocast_dtype, unwrap
 from maskrcnn.visualize import draw_instances, side_by_side
 
 

@@ -1,10 +1,11 @@
 """The training loop: steps without host synchronisation, logs, checkpoints, evaluation.
 
-One step is: move the batch to the device, forward under autocast, backward (scaled for fp16),
-optional clipping by global norm, SGD step, LR schedule step. Loss values stay on the device and
-are summed there; the host reads them once per log interval, which is also when a non-finite
-loss is noticed (it stops the run naming the loss term and the first bad step; checkpoints are
-only written after the same check, so the last one on disk is always a good one).
+One step is: move the batch to the device, then the TrainStep (engine/step.py: forward under
+autocast, backward, clipping, SGD step, LR schedule step), built from the config alone and
+handed the batches here. Loss values stay on the device and are summed there; the host reads
+them once per log interval, which is also when a non-finite loss is noticed (it stops the run
+naming the loss term and the first bad step; checkpoints are only written after the same check,
+so the last one on disk is always a good one).
 
 Data parallelism (world_size > 1, in a process group from engine/distributed.py): the model is
 wrapped in DistributedDataParallel, each rank reads its M-slice of every global batch, and the
@@ -33,19 +34,14 @@ import signal
 import sys
 import threading
 import time
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from maskrcnn.config import Config, to_text
-from maskrcnn.config.config_pb2 import BF16, FP16
-from maskrcnn.data.batch import Batch
 from maskrcnn.data.coco import DatasetError
 from maskrcnn.data.loader import (
     build_dataset,
@@ -59,15 +55,12 @@ from maskrcnn.engine import distributed
 from maskrcnn.engine.evaluate import evaluate
 from maskrcnn.engine.events import EventWriter
 from maskrcnn.engine.solver import (
-    apply_gradients,
     build_lr_scheduler,
-    build_optimizer,
     make_schedule,
 )
-from maskrcnn.model.maskrcnn import MaskRCNN, build_model
+from maskrcnn.engine.step import LOSS_KEYS, TrainStep, unwrap
 from maskrcnn.runtime import Runtime
 
-LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -164,47 +157,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def compile_step(forward: torch.nn.Module, backend: str | Callable = "inductor") -> torch.nn.Module:
-    """torch.compile of the model's forward (losses included; AOTAutograd compiles the
-    backward), with static shapes (dynamic=False): every batch has one of the config's few
-    canvases, so each canvas gets its own graph, compiled once, and none is traced with
-    symbolic sizes (tests/engine/test_compile_step.py). Random ops (the sampling keys) run as
-    eager ATen ops rather than inside generated kernels (inductor's fallback_random): the
-    compiled step then draws the same keys as the eager one, and Triton 3.6 on an H200 failed
-    to compile the fused kernel that generated the keys inside a reduction (PassManager::run
-    failed, torch 2.11, 2026-11-26). `backend` is for tests."""
-    import torch._inductor.config  # noqa: PLC0415 (loaded with the compiler, only when used)
-
-    torch._inductor.config.fallback_random = True
-    return torch.compile(forward, backend=backend, dynamic=False)
-
-
-def autocast_dtype(config: Config) -> torch.dtype | None:
-    return {BF16: torch.bfloat16, FP16: torch.float16}.get(config.run.precision)
-
-
 def peak_memory_mib(device: torch.device) -> float:
     """Peak GPU memory allocated by tensors, or the process's peak resident memory on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def unwrap(model: torch.nn.Module) -> MaskRCNN:
-    """The MaskRCNN inside torch.compile / DistributedDataParallel wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if inner is None:
-            return model
-        model = inner
-
-
-def model_inputs(batch: Batch, channels_last: bool) -> tuple[torch.Tensor, ...]:
-    images = batch.images
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return (images, batch.image_sizes, batch.gt_boxes, batch.gt_classes, batch.gt_valid,
-            batch.gt_masks)
 
 
 def load_model_state(model: torch.nn.Module, state: dict, source) -> None:
@@ -274,33 +231,7 @@ class Trainer:
         self.schedule = make_schedule(config, len(dataset), self.sampler.steps_per_epoch)
 
         self.runtime = Runtime.for_device(device, rank, world_size)
-        self.model = build_model(config, self.runtime).to(device)
-        if config.run.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        if world_size > 1 and device.type == "cuda":
-            # backbone.norm BATCH_NORM: statistics over the global batch, as one process would
-            # compute them (SyncBatchNorm needs a GPU; on the CPU each rank uses its own).
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.optimizer = build_optimizer(self.model, config, self.schedule)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.schedule)
-        self.autocast_dtype = autocast_dtype(config)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=config.run.precision == FP16)
-        self.forward = self.model
-        if world_size > 1:
-            # Every trainable parameter gets a gradient in every step, also without ground
-            # truth (tests/engine/test_distributed.py), so DDP need not look for unused ones
-            # (static_graph would add nothing then, and does not suit torch.compile's
-            # DDPOptimizer). Buffers (frozen BN, anchors) never change: not broadcast per step.
-            with distributed.collective("DDP setup (broadcast of rank 0's parameters)"), \
-                    warnings.catch_warnings():
-                # torch 2.13 renamed broadcast_buffers (forward_sync_buffers), which the GPU
-                # image's torch 2.11 lacks; both mean what is asked here.
-                warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")
-                self.forward = DistributedDataParallel(
-                    self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                    broadcast_buffers=False, gradient_as_bucket_view=True)
-        if config.run.compile:  # after DDP, so that DDPOptimizer splits at its buckets
-            self.forward = compile_step(self.forward)
+        self.train_step = TrainStep(config, device, self.schedule, self.runtime)
         self.step = 0
 
     def log(self, text: str) -> None:
@@ -313,7 +244,7 @@ class Trainer:
         return {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "lr_scheduler": self.train_step.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": self.schedule.epoch_of(self.step),
@@ -388,12 +319,13 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             same_batch = state["global_batch"] == schedule.global_batch
             if same_batch:
-                self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+                self.train_step.lr_scheduler.load_state_dict(state["lr_scheduler"])
                 self.step = state["step"]
             else:
                 self.step = schedule.equivalent_step(state["step"], state["global_batch"],
                                                      state["steps_per_epoch"])
-                self.lr_scheduler = build_lr_scheduler(self.optimizer, schedule, self.step)
+                self.train_step.lr_scheduler = build_lr_scheduler(self.optimizer, schedule,
+                                                                 self.step)
             saved_world = state["world_size"]
         except (KeyError, RuntimeError, ValueError) as error:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit this config: "
@@ -418,18 +350,22 @@ class Trainer:
 
     # ---------------------------------------------------------------- steps
 
-    def train_step(self, batch: Batch) -> torch.Tensor:
-        """One optimisation step; returns the five losses float32[5] (on the device)."""
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None), \
-                distributed.collective("forward (all_reduce of the loss normalisers)"):
-            losses = self.forward(*model_inputs(batch, self.config.run.channels_last))
-        stacked = torch.stack([losses[k].float() for k in LOSS_KEYS])
-        with distributed.collective("backward (DDP's all_reduce of the gradients)"):
-            self.scaler.scale(stacked.sum()).backward()
-        apply_gradients(self.model.parameters(), self.optimizer, self.scaler, self.lr_scheduler,
-                        self.config.solver.grad_clip_norm)
-        return stacked.detach()
+    # The step's parts, for checkpoints, evaluation and logging.
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.train_step.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.train_step.optimizer
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        return self.train_step.scaler
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return self.train_step.autocast_dtype
 
     def evaluate(self) -> dict[str, float]:
         if self.val_coco is None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from maskrcnn.bench.host_sync import HostSyncCounter
-from maskrcnn.bench.step import BenchTrainer, inference_step
+from maskrcnn.bench.step import bench_step, inference_step
 from maskrcnn.bench.synthetic import synthetic_batch
 from maskrcnn.config import load_config
 from maskrcnn.model import roi_heads
@@ -17,8 +17,8 @@ from tests.tiny import TINY
 CONFIG = [*TINY, "solver { grad_clip_norm: 10 }"]
 
 
-def _trainer(runtime: Runtime) -> BenchTrainer:
-    return BenchTrainer(load_config("shapes", CONFIG), torch.device("cpu"), runtime)
+def _trainer(runtime: Runtime):
+    return bench_step(load_config("shapes", CONFIG), torch.device("cpu"), runtime)
 
 
 def _batch():
@@ -33,7 +33,7 @@ def test_gpu_training_step_never_waits_for_the_host(nms):
     trainer = _trainer(Runtime.gpu_path(nms))
     batch = _batch()
     with HostSyncCounter() as syncs:
-        losses = trainer.train_step(batch)
+        losses = trainer(batch)
     assert not syncs.found, "host synchronisations:\n" + syncs.report()
     assert torch.isfinite(losses).all()
 
@@ -63,7 +63,7 @@ def test_a_reintroduced_nonzero_is_caught_with_its_line(monkeypatch):
     monkeypatch.setattr(roi_heads, "mask_targets", with_nonzero)
     trainer = _trainer(Runtime.gpu_path("torch"))
     with HostSyncCounter() as syncs:
-        trainer.train_step(_batch())
+        trainer(_batch())
     assert [s.op for s in syncs.found] == ["aten.nonzero.default"]
     assert "test_host_sync.py" in syncs.found[0].where
     assert "matched.nonzero()" in syncs.found[0].where
@@ -75,7 +75,7 @@ def test_the_cpu_path_is_seen_inside_our_ops():
     trimmed with host reads) must show both."""
     trainer = _trainer(Runtime.for_device("cpu"))
     with HostSyncCounter() as syncs:
-        trainer.train_step(_batch())
+        trainer(_batch())
     ops = {s.op for s in syncs.found}
     assert {"aten.nonzero.default", "torchvision.nms.default", "Tensor.tolist"} <= ops
     assert any("maskrcnn/ops/nms.py" in s.where for s in syncs.found)

@@ -4,7 +4,7 @@ import torch
 
 from maskrcnn.bench.synthetic import synthetic_batch
 from maskrcnn.config import load_config
-from maskrcnn.engine.trainer import compile_step
+from maskrcnn.engine.step import compile_step
 from maskrcnn.model.maskrcnn import build_model
 from maskrcnn.runtime import Runtime
 from tests.tiny import TINY

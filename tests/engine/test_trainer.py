@@ -133,7 +133,7 @@ def _signal_in_step(trainer: Trainer, step: int, number: int) -> None:
             os.kill(os.getpid(), number)  # Python runs the handler before the next line
         return model(*inputs)
 
-    trainer.forward = forward
+    trainer.train_step.forward = forward
 
 
 def test_a_signal_stops_after_its_step_ignores_a_second_and_restores_handlers(
@@ -212,7 +212,7 @@ def test_non_finite_loss_stops_naming_the_term_and_keeps_the_last_checkpoint(tmp
             losses["loss_mask"] = losses["loss_mask"] * float("nan")
         return losses
 
-    trainer.forward = forward
+    trainer.train_step.forward = forward
     with pytest.raises(NonFiniteLossError, match="loss_mask became non-finite at step 3"):
         trainer.train()
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000002.pt"
