@@ -24,8 +24,10 @@ RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels \
       absl-py==2.5.1 \
       faster-coco-eval==1.8.0 \
       numpy==2.4.6 \
+      packaging==26.3 \
       pillow==13.0.0 \
       protobuf==5.29.6 \
+      tensorboardX==2.6.5 \
       tqdm==4.70.1
 COPY pyproject.toml README.md ./
 COPY maskrcnn ./maskrcnn

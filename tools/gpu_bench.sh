@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU section of BENCHMARKS.md as one script for a lent GPU machine (no network there):
-#   1. installs the carried wheels (.whl/: pycocotools, and protobuf if the image's is too old);
+#   1. installs the carried wheels (.whl/: pycocotools, tensorboardX if the image lacks it, and
+#      protobuf if the image's is too old);
 #   2. tools/gpu_check.py: our ops and model on the GPU against the CPU (NMS and proposals with
 #      the Triton kernel, the static PyTorch loop and torchvision's shifted call), and one
 #      training step and one inference forward under torch.cuda.set_sync_debug_mode("error");
@@ -28,6 +29,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 if [ -d .whl ]; then
   wheels=(.whl/pycocotools-*.whl)
+  python3 -c "import tensorboardX" 2>/dev/null || wheels+=(.whl/tensorboard[xX]-*.whl)
   python3 -c "import google.protobuf as p, sys; sys.exit(tuple(map(int, p.__version__.split('.')[:2])) < (5, 26))" \
     || wheels+=(.whl/protobuf-*.whl)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

@@ -11,8 +11,8 @@ import torch
 
 from maskrcnn.config import load_config
 from maskrcnn.engine import checkpoint as ckpt
-from maskrcnn.engine.events import read_scalars
 from maskrcnn.engine.trainer import STOP_SIGNALS, NonFiniteLossError, Trainer, TrainingStopped
+from tests.engine.event_files import read_scalars
 from tests.engine.signalling import signal_once_started
 from tests.tiny import REPO, TINY, run_module, tiny_flags
 
