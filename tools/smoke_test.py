@@ -17,7 +17,7 @@ cannot train and evaluate.
 3. The venv's Python runs this script again with --inside, from a temporary directory, so the
    source tree cannot be imported: maskrcnn comes from the venv's site-packages; its files are
    exactly the source tree's (configs, schema and ops ship); every module imports; the Triton
-   NMS kernel runs (interpreted where there is no GPU); the named
+   NMS kernel runs (interpreted, on CPU tensors); the named
    configs resolve; `maskrcnn-train` trains a tiny model for 2 steps on generated data and
    evaluates it; `maskrcnn-eval` scores the checkpoint with the same AP.
 """
@@ -142,10 +142,10 @@ def ap(text: str) -> tuple[str, str]:
 
 def inside(source: Path, overrides: list[str]) -> None:
     """Step 3, run by the fresh venv's Python from a temporary directory."""
+    # On CPU tensors the kernel runs interpreted; this must precede importing its module.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    if not torch.cuda.is_available():  # before the Triton kernels' module is imported
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     import maskrcnn
     from maskrcnn.config import load_config, named_configs
     from maskrcnn.ops.nms import batched_nms_fixed
@@ -157,7 +157,7 @@ def inside(source: Path, overrides: list[str]) -> None:
     check_files(package, source)
     for module in pkgutil.walk_packages(maskrcnn.__path__, "maskrcnn."):
         importlib.import_module(module.name)
-    # The Triton NMS kernel ships as source and runs (interpreted without a GPU).
+    # The Triton NMS kernel ships as source and runs (interpreted, on CPU tensors).
     boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0], [20.0, 0, 30, 9]]])
     index, keep = batched_nms_fixed(boxes, torch.tensor([[0.9, 0.8, 0.7]]),
                                     torch.ones(1, 3, dtype=torch.bool),
