@@ -36,7 +36,9 @@ ALWAYS_SYNC = frozenset({
 # Our ops' namespace: the counter runs their bodies under the mode.
 OWN_NAMESPACE = "maskrcnn"
 _TORCH_ROOT = Path(torch.__file__).parent
-_SKIPPED = (str(_TORCH_ROOT), str(Path(__file__)), "torchvision", "triton", "<frozen")
+# Frames that are not the caller: torch, this file, the libraries our ops call into.
+_SKIPPED_PREFIXES = (str(_TORCH_ROOT), str(Path(__file__)), "<frozen")
+_SKIPPED_PARTS = ("/torchvision/", "/triton/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +79,9 @@ def _syncs(func, args, kwargs) -> bool:
 
 def _caller() -> str:
     for frame in reversed(traceback.extract_stack()):
-        if not frame.filename.startswith(_SKIPPED) and "torchvision" not in frame.filename:
-            return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+        name = frame.filename
+        if not name.startswith(_SKIPPED_PREFIXES) and not any(p in name for p in _SKIPPED_PARTS):
+            return f"{name}:{frame.lineno}: {(frame.line or '').strip()}"
     return "<unknown>"
 
 

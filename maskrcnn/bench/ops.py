@@ -101,7 +101,7 @@ def bench_proposals(config: Config, device: torch.device, runs: int, warmup: int
     rows = []
     for method in methods:
         ours_ms = _median_ms(_timed(lambda method=method: ours(method), device), runs, warmup)
-        kept_ours = ours(method)[2].sum().item() / n
+        kept_ours = ours(method)[2].sum().item() / n  # a sanity figure, outside the timing
         rows.append(_row(f"proposals (nms={method})", case, ours_ms, theirs_ms,
                          f"kept per image {kept_ours:.0f} / {kept_theirs:.0f}"))
     return rows

@@ -95,6 +95,10 @@ def match(candidates: torch.Tensor, candidates_valid: torch.Tensor, gt_boxes: to
         iou = box_iou(gt, candidates[:, start:start + tile].float())
         return torch.where(gt_ok, iou, -1.0)
 
+    def valid_only(iou: torch.Tensor, start: int) -> torch.Tensor:
+        # The tile's IoUs with its invalid candidates set to -1 (for each gt's best).
+        return torch.where(candidates_valid[:, None, start:start + tile], iou, -1.0)
+
     best, matched, best_per_gt = [], [], None
     one_tile = k <= tile  # then the second pass reuses the first pass's IoUs
     for start in range(0, k, tile):
@@ -103,8 +107,7 @@ def match(candidates: torch.Tensor, candidates_valid: torch.Tensor, gt_boxes: to
         best.append(tile_best)
         matched.append(tile_matched)
         if allow_low_quality:  # each ground truth's best IoU over the valid candidates
-            usable = torch.where(candidates_valid[:, None, start:start + tile], iou, -1.0)
-            tile_max = usable.amax(dim=2)  # (N, G)
+            tile_max = valid_only(iou, start).amax(dim=2)  # (N, G)
             best_per_gt = tile_max if best_per_gt is None else torch.maximum(best_per_gt,
                                                                              tile_max)
     best, matched = torch.cat(best, dim=1), torch.cat(matched, dim=1)  # (N, K)
@@ -116,8 +119,7 @@ def match(candidates: torch.Tensor, candidates_valid: torch.Tensor, gt_boxes: to
         wanted = (target > 0) & gt_ok
         is_best = []
         for start in range(0, k, tile):
-            usable = torch.where(candidates_valid[:, None, start:start + tile],
-                                 iou if one_tile else tile_iou(start), -1.0)
+            usable = valid_only(iou if one_tile else tile_iou(start), start)
             is_best.append(((usable == target) & wanted).any(dim=1))  # (N, T)
         labels = torch.where(torch.cat(is_best, dim=1), FOREGROUND, labels)
     labels = torch.where(candidates_valid, labels, IGNORE)
