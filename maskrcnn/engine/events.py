@@ -6,21 +6,24 @@ once wrote the few protobuf fields of a scalar event by hand; that encoder is go
 TensorBoard reads the folder: `tensorboard --logdir runs/NAME/events`.
 """
 
+import itertools
+import os
 from pathlib import Path
 
 from tensorboardX import SummaryWriter
+
+_WRITERS = itertools.count()  # writers made by this process
 
 
 class EventWriter:
     """Appends scalar summaries to a new event file in a folder."""
 
     def __init__(self, folder: Path):
-        folder = Path(folder)
-        before = set(folder.glob("events.out.tfevents.*"))
-        self._writer = SummaryWriter(str(folder))
-        # The file the writer created (at most one new one per writer).
-        self.path = max(set(folder.glob("events.out.tfevents.*")) - before,
-                        key=lambda p: p.stat().st_mtime)
+        # tensorboardX names the file by the second and the host only; two writers of one
+        # second (a run resumed at once) would share it, so each gets its own suffix.
+        suffix = f".{os.getpid()}.{next(_WRITERS)}"
+        self._writer = SummaryWriter(str(folder), filename_suffix=suffix)
+        (self.path,) = Path(folder).glob(f"events.out.tfevents.*{suffix}")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():

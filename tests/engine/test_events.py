@@ -37,3 +37,16 @@ def test_corruption_is_detected(tmp_path):
     writer.path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="CRC"):
         read_scalars(writer.path)
+
+
+def test_two_writers_in_one_second_keep_their_own_files(tmp_path):
+    """If this fails, a run resumed within the second its stopped run began (same time stamp,
+    same host) cannot name its event file, or writes into the other writer's file."""
+    first, second = EventWriter(tmp_path), EventWriter(tmp_path)
+    first.scalars(1, {"a": 1.0})
+    second.scalars(2, {"a": 2.0})
+    first.close()
+    second.close()
+    assert first.path != second.path
+    assert read_scalars(first.path) == [(1, "a", 1.0)]
+    assert read_scalars(second.path) == [(2, "a", 2.0)]
