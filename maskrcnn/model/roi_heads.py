@@ -55,6 +55,63 @@ def _own_class(classes: torch.Tensor, outputs: int) -> torch.Tensor:
     return classes if outputs > 1 else torch.zeros_like(classes)
 
 
+def box_losses(logits: torch.Tensor, deltas: torch.Tensor, classes: torch.Tensor,
+               targets: torch.Tensor, valid: torch.Tensor,
+               is_fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The box head's losses over R sampled RoIs per image, summed, not yet normalised
+    (`RoIHeads.losses` divides both by the sampled count).
+
+    Args:
+        logits: float[N, R, K+1] class scores.
+        deltas: float[N, R, K+1, 4] class-specific box deltas, or float[N, R, 1, 4] with one
+            class-agnostic output.
+        classes: int64[N, R] each RoI's class, 0 for background.
+        targets: float[N, R, 4] each RoI's matched ground truth encoded relative to the RoI;
+            only the foreground's are read (the others may be NaN or infinite).
+        valid: bool[N, R] sampled (False in padded slots); is_fg: bool[N, R] foreground.
+
+    Returns:
+        cls: float[] the cross entropy summed over valid RoIs; box: float[] the smooth L1
+        (beta BOX_SMOOTH_L1_BETA) of each foreground RoI's own-class deltas, summed over the
+        four coordinates and the foreground RoIs.
+    """
+    cls = F.cross_entropy(logits.flatten(0, 1), classes.flatten(), reduction="none")  # (N*R,)
+    # Only foreground RoIs have box targets. The others' encodings may be NaN or infinite
+    # (a padded RoI or padded ground truth has zero width); their loss is multiplied by
+    # 0 below, and 0 x NaN would still be NaN, so their targets are set to 0 here.
+    targets = torch.where(is_fg.unsqueeze(-1), targets, 0.0)
+    # (N, R, K+1, 4) -> (N, R, 4): the deltas of each RoI's own class.
+    own = deltas.gather(2, _own_class(classes, deltas.shape[2])[:, :, None, None]
+                        .expand(-1, -1, 1, 4))[:, :, 0]
+    box = F.smooth_l1_loss(own, targets, beta=BOX_SMOOTH_L1_BETA, reduction="none").sum(-1)
+    return (cls * valid.float().flatten()).sum(), (box * is_fg).sum()
+
+
+def mask_loss(mask_logits: torch.Tensor, classes: torch.Tensor, targets: torch.Tensor,
+              weight: torch.Tensor) -> torch.Tensor:
+    """The mask head's loss over X mask slots, summed, not yet normalised (`RoIHeads.losses`
+    divides it by the weights' sum).
+
+    Args:
+        mask_logits: float[X, K+1, M, M], or float[X, 1, M, M] with one class-agnostic output.
+        classes: int64[X] each slot's class.
+        targets: float[X, M, M] in [0, 1], each slot's ground-truth mask in the slot's box.
+        weight: float[X] each slot's weight (1 foreground, 0 background or padding); slots of
+            weight 0 must still have finite logits and targets.
+
+    Returns:
+        float[]: the per-pixel BCE of each slot's own-class mask, averaged over the M x M
+        pixels, weighted and summed over the slots (computed in float32).
+    """
+    size = mask_logits.shape[-1]
+    # (X, K+1, M, M) -> (X, M, M): the mask of each slot's own class.
+    own_mask = mask_logits.float().gather(
+        1, _own_class(classes, mask_logits.shape[1])[:, None, None, None]
+        .expand(-1, 1, size, size))[:, 0]
+    bce = F.binary_cross_entropy_with_logits(own_mask, targets, reduction="none").mean((1, 2))
+    return (bce * weight).sum()
+
+
 class BoxHead(nn.Module):
     """Optional 3x3 convs, then two fully connected layers on pooled RoI features, then class
     scores and class-specific box deltas (the background class included, as torchvision)."""
@@ -165,11 +222,12 @@ class RoIHeads(nn.Module):
         self.keys = keys  # tests pass deterministic keys
         self.normalizers = normalizers  # data-parallel training sums counts over ranks
 
-    def _pool(self, features: list[torch.Tensor], boxes: torch.Tensor,
+    def _pool(self, features: list[torch.Tensor], rois: torch.Tensor,
               resolution: int) -> torch.Tensor:
-        """float[N, X, 4] boxes -> pooled float[N*X, C, S, S] from their FPN levels."""
-        return multilevel_roi_align(features[:len(self.strides)], _flat_rois(boxes.float()),
-                                    resolution, self.strides, 2, self.aligned)
+        """rois float[X, 5] (image index, x1, y1, x2, y2) -> pooled float[X, C, S, S] from
+        their FPN levels."""
+        return multilevel_roi_align(features[:len(self.strides)], rois, resolution,
+                                    self.strides, 2, self.aligned)
 
     def sample_rois(self, proposals: torch.Tensor, proposals_valid: torch.Tensor,
                     gt_boxes: torch.Tensor, gt_classes: torch.Tensor,
@@ -195,6 +253,24 @@ class RoIHeads(nn.Module):
             "valid": valid,
         }
 
+    def _mask_slots(self, sampled: dict[str, torch.Tensor]) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mask head's X slots from `sample_rois`' output. Foreground RoIs come first, so
+        the first F slots of each image hold every mask-head sample: X = N*F, flattened; on a
+        CPU, only the foreground ones (see trim.py).
+
+        Returns rois float[X, 5] (image index, x1, y1, x2, y2), classes int64[X], matched
+        int64[X] ground-truth slot, is_fg bool[X].
+        """
+        f = min(self.max_fg_masks, sampled["classes"].shape[1])
+        rois = _flat_rois(sampled["rois"][:, :f].float())  # (N*F, 5)
+        classes, matched, fg = (sampled[key][:, :f].reshape(-1)  # (N*F,)
+                                for key in ("classes", "matched", "is_fg"))
+        if trimming(self.trim_slots):
+            index = foreground_slots(fg)
+            rois, classes, matched, fg = rois[index], classes[index], matched[index], fg[index]
+        return rois, classes, matched, fg
+
     def losses(self, features: list[torch.Tensor], proposals: torch.Tensor,
                proposals_valid: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torch.Tensor,
                gt_valid: torch.Tensor, gt_masks: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -207,48 +283,25 @@ class RoIHeads(nn.Module):
             r = used_slots(s["valid"])
             s = {key: value[:, :r] for key, value in s.items()}
         n, r = s["classes"].shape
-        logits, deltas = self.box_head(self._pool(features, s["rois"], self.pooler_resolution))
+        logits, deltas = self.box_head(self._pool(features, _flat_rois(s["rois"].float()),
+                                                  self.pooler_resolution))
+        # (N*R, K+1) -> (N, R, K+1); (N*R, K+1, 4) -> (N, R, K+1, 4)
         logits, deltas = logits.float().reshape(n, r, -1), deltas.float().reshape(n, r, -1, 4)
-        valid = s["valid"].float()
-        cls = F.cross_entropy(logits.flatten(0, 1), s["classes"].flatten(), reduction="none")
         matched_boxes = gt_boxes.float().gather(1, s["matched"].unsqueeze(-1).expand(-1, -1, 4))
-        # Only foreground RoIs have box targets. The others' encodings may be NaN or infinite
-        # (a padded RoI or padded ground truth has zero width); their loss is multiplied by
-        # 0 below, and 0 x NaN would still be NaN, so their targets are set to 0 here.
-        targets = encode_boxes(matched_boxes, s["rois"], self.bbox_reg_weights)
-        targets = torch.where(s["is_fg"].unsqueeze(-1), targets, 0.0)
-        # (N, R, K+1, 4) -> (N, R, 4): the deltas of each RoI's own class.
-        own = deltas.gather(2, _own_class(s["classes"], deltas.shape[2])[:, :, None, None]
-                            .expand(-1, -1, 1, 4))[:, :, 0]
-        box = F.smooth_l1_loss(own, targets, beta=BOX_SMOOTH_L1_BETA, reduction="none").sum(-1)
+        box_targets = encode_boxes(matched_boxes, s["rois"], self.bbox_reg_weights)
+        cls, box = box_losses(logits, deltas, s["classes"], box_targets, s["valid"], s["is_fg"])
 
-        # Foreground RoIs come first, so the first F slots of each image hold every mask-head
-        # sample: N*F slots, flattened. On a CPU, only the foreground ones (see trim.py).
-        f = min(self.max_fg_masks, r)
-        fg = s["is_fg"][:, :f].reshape(-1)  # (N*F,)
-        rois = _flat_rois(s["rois"][:, :f].float())  # (N*F, 5)
-        classes = s["classes"][:, :f].reshape(-1)
-        matched = s["matched"][:, :f].reshape(-1)
-        if trimming(self.trim_slots):
-            rois, classes, matched, fg = (t[foreground_slots(fg)]
-                                          for t in (rois, classes, matched, fg))
-        mask_logits = self.mask_head(multilevel_roi_align(
-            features[:len(self.strides)], rois, self.mask_pooler_resolution, self.strides, 2,
-            self.aligned))
-        size = mask_logits.shape[-1]
-        # (X, K+1, M, M) -> (X, M, M): the mask of each RoI's own class.
-        own_mask = mask_logits.float().gather(
-            1, _own_class(classes, mask_logits.shape[1])[:, None, None, None]
-            .expand(-1, 1, size, size))[:, 0]
-        target = mask_targets(gt_masks, gt_boxes, rois[:, 1:], rois[:, 0].long(), matched, size)
-        bce = F.binary_cross_entropy_with_logits(own_mask, target, reduction="none").mean((1, 2))
+        rois, classes, matched, fg = self._mask_slots(s)
+        mask_logits = self.mask_head(self._pool(features, rois, self.mask_pooler_resolution))
+        mask_target = mask_targets(gt_masks, gt_boxes, rois[:, 1:], rois[:, 0].long(), matched,
+                                   mask_logits.shape[-1])
         fg_weight = fg.float()
-        count, mask_count = self.normalizers(torch.stack([valid.sum(), fg_weight.sum()]))
-        return {
-            "loss_cls": (cls * valid.flatten()).sum() / count,
-            "loss_box": (box * s["is_fg"]).sum() / count,
-            "loss_mask": (bce * fg_weight).sum() / mask_count,
-        }
+        mask = mask_loss(mask_logits, classes, mask_target, fg_weight)
+        # One normaliser call for both counts: data-parallel training sums them over the ranks
+        # in one all-reduce.
+        count, mask_count = self.normalizers(torch.stack([s["valid"].float().sum(),
+                                                          fg_weight.sum()]))
+        return {"loss_cls": cls / count, "loss_box": box / count, "loss_mask": mask / mask_count}
 
     @torch.no_grad()
     def detect(self, features: list[torch.Tensor], proposals: torch.Tensor,
@@ -258,7 +311,8 @@ class RoIHeads(nn.Module):
         of each detection's class; sorted by score, padded with score 0 and valid False."""
         n, p, _ = proposals.shape
         k = self.num_classes
-        logits, deltas = self.box_head(self._pool(features, proposals, self.pooler_resolution))
+        logits, deltas = self.box_head(self._pool(features, _flat_rois(proposals.float()),
+                                                  self.pooler_resolution))
         scores = F.softmax(logits.float(), dim=-1).reshape(n, p, k + 1)[:, :, 1:]  # (N, P, K)
         deltas = deltas.float().reshape(n, p, -1, 4)
         deltas = deltas[:, :, 1:] if deltas.shape[2] > 1 else deltas.expand(-1, -1, k, -1)
@@ -285,7 +339,7 @@ class RoIHeads(nn.Module):
         # image (see trim.py). Masks of empty slots are 0 either way.
         d = det_boxes.shape[1]
         used = used_slots(keep) if trimming(self.trim_slots) else d
-        mask_logits = self.mask_head(self._pool(features, det_boxes[:, :used],
+        mask_logits = self.mask_head(self._pool(features, _flat_rois(det_boxes[:, :used]),
                                                 self.mask_pooler_resolution))
         size = mask_logits.shape[-1]
         # (N*U, K+1, M, M) -> (N, U, M, M): each detection's class (0 for padding).

@@ -19,6 +19,28 @@ RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 RPN_SMOOTH_L1_BETA = 1.0 / 9
 
 
+def rpn_losses(logits: torch.Tensor, deltas: torch.Tensor, targets: torch.Tensor,
+               is_fg: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RPN's losses over S sampled anchors per image, summed, not yet normalised
+    (`RPN.losses` divides both by the sampled count).
+
+    Args:
+        logits: float[N, S] objectness; deltas: float[N, S, 4] predicted box deltas.
+        targets: float[N, S, 4] encoded box targets, finite everywhere (a padded or
+            background sample's loss is multiplied by 0, and 0 x NaN would still be NaN).
+        is_fg: bool[N, S] foreground (objectness target 1); valid: bool[N, S] sampled
+            (False in padded slots).
+
+    Returns:
+        cls: float[] the BCE of the objectness summed over valid samples; box: float[] the
+        smooth L1 (beta RPN_SMOOTH_L1_BETA) summed over the four coordinates and the
+        foreground samples.
+    """
+    cls = F.binary_cross_entropy_with_logits(logits, is_fg.float(), reduction="none")
+    box = F.smooth_l1_loss(deltas, targets, beta=RPN_SMOOTH_L1_BETA, reduction="none").sum(-1)
+    return (cls * valid).sum(), (box * is_fg).sum()
+
+
 class RPNHead(nn.Module):
     """A 3x3 conv shared by all levels, then per-location objectness and box deltas."""
 
@@ -124,11 +146,6 @@ class RPN(nn.Module):
         # give log(0) and a NaN gradient even where the loss is masked out.
         sampled_gt = torch.where(is_fg.unsqueeze(-1), sampled_gt, sampled_anchors)
         targets = encode_boxes(sampled_gt, sampled_anchors, RPN_BOX_WEIGHTS)
+        cls, box = rpn_losses(sampled_logits, sampled_pred, targets, is_fg, valid)
         count = self.normalizers(valid.sum(dtype=torch.float32).reshape(1))[0]
-        cls = F.binary_cross_entropy_with_logits(sampled_logits, is_fg.float(), reduction="none")
-        box = F.smooth_l1_loss(sampled_pred, targets, beta=RPN_SMOOTH_L1_BETA,
-                               reduction="none").sum(-1)
-        return {
-            "loss_rpn_cls": (cls * valid).sum() / count,
-            "loss_rpn_box": (box * is_fg).sum() / count,
-        }
+        return {"loss_rpn_cls": cls / count, "loss_rpn_box": box / count}
