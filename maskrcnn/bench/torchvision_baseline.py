@@ -32,7 +32,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from maskrcnn.bench.step import bench_schedule
 from maskrcnn.config import Config, config_pb2
 from maskrcnn.config.config_pb2 import FP16
-from maskrcnn.engine.solver import apply_gradients, build_lr_scheduler, build_optimizer
+from maskrcnn.engine.solver import apply_gradients, build_optimizer
 from maskrcnn.engine.step import autocast_dtype
 from maskrcnn.model.backbone import GN_GROUPS
 from maskrcnn.model.roi_heads import MAX_NMS_CANDIDATES
@@ -206,8 +206,8 @@ class TorchvisionBaseline:
         self.model = build_torchvision_model(config).to(device).train()
         self.images, self.targets = images, targets
         schedule = bench_schedule(config)
-        self.optimizer = build_optimizer(self.model, config, schedule)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, schedule)
+        self.optimizer = build_optimizer(self.model, config, schedule, device)
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.autocast_dtype = autocast_dtype(config)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.run.precision == FP16)
         self._check_scale_one()
@@ -240,9 +240,9 @@ class TorchvisionBaseline:
         with self._autocast():
             losses = self.model(self.images, self.targets)
         total = torch.stack([loss.float() for loss in losses.values()]).sum()
-        self.scaler.scale(total).backward()
-        apply_gradients(self.model.parameters(), self.optimizer, self.scaler, self.lr_scheduler,
-                        self.config.solver.grad_clip_norm)
+        scaler = self.scaler if self.scaler.is_enabled() else None
+        (total if scaler is None else scaler.scale(total)).backward()
+        apply_gradients(self.parameters, self.optimizer, scaler, self.config.solver.grad_clip_norm)
         return total.detach()
 
     def inference_step(self) -> list[dict[str, torch.Tensor]]:

@@ -22,7 +22,7 @@ from maskrcnn.config.validate import validate
 
 NAMED_DIR = Path(__file__).resolve().parent / "named"
 
-# Recipe values of repeated fields (proto2 has no defaults for them); from ../shared/MISSION.md.
+# Recipe values of repeated fields (proto2 has no defaults for them); the ancestor's recipe.
 REPEATED_DEFAULTS: dict[str, list] = {
     "model.anchors.sizes": [32.0, 64.0, 128.0, 256.0, 512.0],  # one per level P2..P6
     "model.anchors.aspect_ratios": [0.5, 1.0, 2.0],

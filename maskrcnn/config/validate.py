@@ -180,6 +180,11 @@ def _run_problems(run: config_pb2.RunConfig) -> Iterator[Problem]:
         yield from _check(f"run.{name}", getattr(run, name), getattr(run, name) >= 0,
                           "must be >= 0 (0 = only at the end)")
     yield from _positive("run.log_period_steps", run.log_period_steps)
+    yield from _check("run.cuda_graph", run.cuda_graph, not (run.cuda_graph
+                                                            and run.precision == config_pb2.FP16),
+                      "needs precision FP32 or BF16 (FP16's dynamic loss scaling reads the "
+                      "overflow flag on the host every step, which a graph cannot)",
+                      also=("run.precision",))
 
 
 def validate(config: config_pb2.Config) -> Problem | None:

@@ -48,6 +48,12 @@ class Batch:
         """Called by DataLoader(pin_memory=True) in its pinning thread."""
         return self._map(lambda t: t.pin_memory())
 
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """Marks every tensor as used on `stream` (CUDA), so that its memory is not reused
+        before that stream's work on it is done (it was copied in on another stream)."""
+        for f in fields(self):
+            getattr(self, f.name).record_stream(stream)
+
     def __len__(self) -> int:
         return self.images.shape[0]
 

@@ -64,44 +64,150 @@ def make_schedule(config: Config, train_images: int, steps_per_epoch: int) -> Sc
     )
 
 
-def build_optimizer(model: nn.Module, config: Config, schedule: Schedule) -> torch.optim.SGD:
-    """SGD with momentum; weight decay on weights of convs and linear layers only, not on
-    norm parameters or biases (every parameter with fewer than 2 dimensions)."""
+class LearningRate:
+    """The schedule's LR as a device tensor, computed on the device from a step counter there.
+
+    A CUDA graph records tensors, not Python floats: an LR passed as a float would be frozen
+    at its value on the captured step. Here the counter and the LR are device tensors that the
+    step itself reads and advances (`value`, `advance`), so an eager, a compiled and a replayed
+    step all follow the schedule. `value` gives exactly base_lr x Schedule.lr_factor(step)
+    in float64 (tests/engine/test_solver.py): the decay factors 0.1^k are computed in Python
+    and looked up, and the warmup does Python's float64 operations in the same order.
+
+    Attributes:
+        step: int64[] on the device, the next step to run (0-based).
+    """
+
+    def __init__(self, schedule: Schedule, device: torch.device, step: int = 0):
+        self.schedule = schedule
+        self.step = torch.tensor(step, dtype=torch.int64, device=device)
+        self._decay_steps = torch.tensor(schedule.decay_steps, dtype=torch.int64, device=device)
+        # 0.1 ** k for k decays passed, as Schedule.lr_factor computes it.
+        self._decay_factors = torch.tensor([0.1 ** k for k in range(len(schedule.decay_steps)
+                                                                     + 1)],
+                                           dtype=torch.float64, device=device)
+
+    def value(self) -> torch.Tensor:
+        """float64[] on the device: the LR of the step `step`, without a host read."""
+        s = self.schedule
+        passed = (self.step >= self._decay_steps).sum().reshape(1)
+        # index_select, not [passed]: indexing with a 0-dim tensor reads it on the host.
+        factor = self._decay_factors.index_select(0, passed).reshape(())
+        if s.warmup_steps > 0:
+            alpha = self.step.to(torch.float64) / s.warmup_steps
+            warm = factor * (s.warmup_start_factor * (1 - alpha) + alpha)
+            factor = torch.where(self.step < s.warmup_steps, warm, factor)
+        return s.base_lr * factor
+
+    def advance(self) -> None:
+        self.step.add_(1)
+
+    def current(self) -> float:
+        """The LR of the next step as a Python float (a host read: for logs only)."""
+        return float(self.value())
+
+    def state_dict(self) -> dict:
+        """The position in the schedule; the base LR is recorded for reading, not restored
+        (a run follows its own config's schedule)."""
+        return {"step": int(self.step), "base_lr": self.schedule.base_lr}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_step(state["step"])
+
+    def set_step(self, step: int) -> None:
+        self.step.fill_(step)
+
+
+class SGD(torch.optim.SGD):
+    """torch.optim.SGD's maths with momentum (buf = momentum x buf + grad + wd x param;
+    param -= lr x buf), its state and checkpoint format, with a step that a CUDA graph can
+    record and torch.compile(fullgraph=True) can trace: the LR is `lr.value()`, a device
+    tensor; the momentum buffers exist (zeros) from the start, so no step differs from the
+    others (a zero buffer gives buf = grad, torch's first step); gradients are zeroed in
+    place, never set to None, so they keep their memory between steps and graph replays.
+    torch's own step graph-breaks on purpose (torch/optim/optimizer.py, _use_grad).
+    """
+
+    def __init__(self, param_groups: list[dict], lr: LearningRate, momentum: float):
+        super().__init__(param_groups, lr=lr.schedule.base_lr, momentum=momentum)
+        self.lr = lr
+        self._fill_momentum_buffers()
+
+    def _fill_momentum_buffers(self) -> None:
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if "momentum_buffer" not in self.state[parameter]:
+                    self.state[parameter]["momentum_buffer"] = torch.zeros_like(
+                        parameter, memory_format=torch.preserve_format)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._fill_momentum_buffers()  # a checkpoint of step 0 has none
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:  # closure: GradScaler.step's signature
+        if closure is not None:
+            raise ValueError("SGD.step takes no closure")
+        neg_lr = -self.lr.value()
+        for group in self.param_groups:
+            # As torch's SGD, parameters without a gradient are left alone (the model's
+            # trainable ones all have one: tests/engine/test_solver.py).
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, torch._foreach_mul(bufs, neg_lr))
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zeroes the gradients in place (set_to_none is not supported: see the class)."""
+        if set_to_none:
+            raise ValueError("SGD keeps its gradients: zero_grad(set_to_none=False) only")
+        grads = [p.grad for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights of convs and linear layers only, not on norm parameters or
+    biases (every parameter with fewer than 2 dimensions); frozen parameters left out."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decay if parameter.dim() >= 2 else no_decay).append(parameter)
-    solver = config.solver
-    return torch.optim.SGD(
-        [{"params": decay, "weight_decay": solver.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=schedule.base_lr, momentum=solver.momentum,
-    )
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule,
-                       step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """The LR schedule, positioned at `step` (the next step to run) with this schedule's
-    base LR, whatever the optimizer's param groups held before (e.g. from a checkpoint
-    written with another global batch)."""
-    for group in optimizer.param_groups:
-        group["initial_lr"] = schedule.base_lr
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.lr_factor, last_epoch=step - 1)
+def build_optimizer(model: nn.Module, config: Config, schedule: Schedule,
+                    device: torch.device, step: int = 0) -> SGD:
+    """SGD with momentum on the model's trainable parameters (see parameter_groups), its LR
+    following `schedule` from `step` on, as a tensor on `device`."""
+    return SGD(parameter_groups(model, config.solver.weight_decay),
+               LearningRate(schedule, device, step), config.solver.momentum)
 
 
-def apply_gradients(parameters, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    grad_clip_norm: float) -> None:
+def apply_gradients(parameters: list[torch.nn.Parameter], optimizer: SGD,
+                    scaler: torch.amp.GradScaler | None, grad_clip_norm: float) -> None:
     """The end of a training step, after backward: optional clipping of the (unscaled)
-    gradients to a global L2 norm, the SGD step through the loss scaler, the LR step.
+    gradients to a global L2 norm, the SGD step (through the loss scaler for fp16), the
+    gradients zeroed, the LR's step advanced.
 
-    With fp16, GradScaler.step reads whether gradients overflowed (one host sync per step,
-    inherent to dynamic loss scaling); fp32 and bf16 never synchronise here.
+    With fp16 (`scaler` given), GradScaler.step reads whether gradients overflowed: one host
+    sync per step, inherent to dynamic loss scaling, so fp16 steps run eager only. Without a
+    scaler (fp32, bf16) nothing here reads the device.
     """
     if grad_clip_norm > 0:
-        scaler.unscale_(optimizer)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(parameters, grad_clip_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    lr_scheduler.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad()
+    optimizer.lr.advance()

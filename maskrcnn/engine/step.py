@@ -1,11 +1,15 @@
 """The training step as an object built without data: model, optimizer, LR schedule, loss
-scaler, precision, data-parallel wrapper and compilation, from a config, a device, a schedule
-and a Runtime. The trainer (engine/trainer.py) drives it with batches from its loaders; the
-benchmark and the GPU checks build the very same object on synthetic batches.
+scaler, precision, data-parallel wrapper, compilation and CUDA graphs, from a config, a device,
+a schedule and a Runtime. The trainer (engine/trainer.py) drives it with batches from its
+loaders; the benchmark and the GPU checks build the very same object on synthetic batches.
 
-One step: the batch's images in channels_last if asked, forward under autocast, the five
-losses stacked, backward (scaled for fp16), optional clipping by global norm, SGD step, LR
-schedule step (engine/solver.py: apply_gradients). Losses stay on the device.
+One step (`step_function`): forward under autocast, the five losses stacked, backward
+(scaled for fp16), optional clipping by global norm, the SGD update with the LR read from a
+device tensor, the gradients zeroed in place, the LR's step counter advanced (engine/solver.py:
+apply_gradients). Losses stay on the device. With fp32 or bf16 nothing in it reads the host,
+so the whole function traces with torch.compile(fullgraph=True) and records as one CUDA
+graph (run.cuda_graph, engine/graph.py); the eager call stays the fallback and the
+reference. fp16's loss scaler reads its overflow flag on the host each step: fp16 runs eager.
 """
 
 import warnings
@@ -19,7 +23,8 @@ from maskrcnn.config import Config
 from maskrcnn.config.config_pb2 import BF16, FP16
 from maskrcnn.data.batch import Batch
 from maskrcnn.engine import distributed
-from maskrcnn.engine.solver import Schedule, apply_gradients, build_lr_scheduler, build_optimizer
+from maskrcnn.engine.graph import WARMUP_STEPS, WARMUP_STEPS_DDP, GraphedStep, side_stream
+from maskrcnn.engine.solver import Schedule, apply_gradients, build_optimizer
 from maskrcnn.model.maskrcnn import MaskRCNN, build_model
 from maskrcnn.runtime import Runtime
 
@@ -67,8 +72,9 @@ class TrainStep:
     float32[5] (in LOSS_KEYS order, on the device).
 
     Args:
-        config: the run's config (model, solver, run.precision / channels_last / compile).
-        device: where the step runs; the batch must already be there.
+        config: the run's config (model, solver, run.precision / channels_last / compile /
+            cuda_graph).
+        device: where the step runs; the batch must already be there (see `to_device`).
         schedule: the LR schedule (engine/solver.py: make_schedule).
         runtime: the device's choices and the process's rank and world size (default: the
             device's, one process). With world_size > 1 the model is wrapped in
@@ -76,7 +82,8 @@ class TrainStep:
 
     Attributes:
         model: the MaskRCNN; forward: what the step calls (the model, or its DDP and
-        compiled wrappers); optimizer, lr_scheduler, scaler, autocast_dtype, runtime.
+        compiled wrappers); optimizer (its LR: `lr`), scaler, autocast_dtype, runtime;
+        graphed: the CUDA-graph replayer (engine/graph.py), or None for eager steps.
     """
 
     def __init__(self, config: Config, device: torch.device, schedule: Schedule,
@@ -90,18 +97,24 @@ class TrainStep:
             # backbone.norm BATCH_NORM: statistics over the global batch, as one process would
             # compute them (SyncBatchNorm needs a GPU; on the CPU each rank uses its own).
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.optimizer = build_optimizer(self.model, config, schedule)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, schedule)
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, config, schedule, device)
+        self.lr = self.optimizer.lr
         self.autocast_dtype = autocast_dtype(config)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.run.precision == FP16)
+        # What the step scales its loss with: the scaler for fp16 only (Dynamo does not trace
+        # GradScaler, not even a disabled one).
+        self._loss_scaler = self.scaler if self.scaler.is_enabled() else None
+        graphed = config.run.cuda_graph and device.type == "cuda"
         self.forward = self.model
         if runtime.world_size > 1:
             # Every trainable parameter gets a gradient in every step, also without ground
             # truth (tests/engine/test_distributed.py), so DDP need not look for unused ones
             # (static_graph would add nothing then, and does not suit torch.compile's
             # DDPOptimizer). Buffers (frozen BN, anchors) never change: not broadcast per step.
+            # A DDP whose backward is captured must be built on a side stream (PyTorch's notes).
             with distributed.collective("DDP setup (broadcast of rank 0's parameters)"), \
-                    warnings.catch_warnings():
+                    warnings.catch_warnings(), side_stream(device if graphed else _CPU):
                 # torch 2.13 renamed broadcast_buffers (forward_sync_buffers), which the GPU
                 # image's torch 2.11 lacks; both mean what is asked here.
                 warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")
@@ -110,25 +123,60 @@ class TrainStep:
                     broadcast_buffers=False, gradient_as_bucket_view=True)
         if config.run.compile:  # after DDP, so that DDPOptimizer splits at its buckets
             self.forward = compile_step(self.forward)
+        self.graphed = (GraphedStep(self.step_function, device, WARMUP_STEPS_DDP
+                                    if runtime.world_size > 1 else WARMUP_STEPS)
+                        if graphed else None)
+        self._copy_stream = None  # created on the first GPU batch (to_device)
 
-    def __call__(self, batch: Batch) -> torch.Tensor:
+    def step_function(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The whole step on the model's inputs (see model_inputs): forward, backward,
+        clipping, SGD update, LR step. Returns the losses float32[5]."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None), \
-                distributed.collective("forward (all_reduce of the loss normalisers)"):
-            losses = self.forward(*model_inputs(batch, self.config.run.channels_last))
+                            enabled=self.autocast_dtype is not None):
+            losses = self.forward(*inputs)
         stacked = torch.stack([losses[k].float() for k in LOSS_KEYS])
-        with distributed.collective("backward (DDP's all_reduce of the gradients)"):
-            self.scaler.scale(stacked.sum()).backward()
-        apply_gradients(self.model.parameters(), self.optimizer, self.scaler, self.lr_scheduler,
+        scaler = self._loss_scaler
+        total = stacked.sum()
+        (total if scaler is None else scaler.scale(total)).backward()
+        apply_gradients(self.parameters, self.optimizer, scaler,
                         self.config.solver.grad_clip_norm)
         return stacked.detach()
 
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        inputs = model_inputs(batch, self.config.run.channels_last)
+        with distributed.collective("training step (all_reduce of the loss normalisers, "
+                                    "DDP's of the gradients)"):
+            if self.graphed is not None:
+                return self.graphed(*inputs)
+            return self.step_function(*inputs)
+
+    def to_device(self, batch: Batch) -> Batch:
+        """The batch on the step's device. On a GPU the copy runs on a side stream: it
+        overlaps the previous step, which the GPU may still be running (its launch, or its
+        graph's replay, returned at once), and the current stream waits for it."""
+        if self.device.type != "cuda":
+            return batch.to(self.device)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        # The copy's memory comes from the copy stream's own blocks, so it cannot overwrite
+        # what the running step reads; record_stream keeps it until this stream is done.
+        with torch.cuda.stream(self._copy_stream):
+            moved = batch.to(self.device)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self._copy_stream)
+        moved.record_stream(current)
+        return moved
+
     @contextmanager
     def eager(self) -> Iterator[None]:
-        """Inside, the step runs the model uncompiled (FLOP counting and profiling see eager
-        ops; the maths is the same)."""
-        compiled, self.forward = self.forward, self.model
+        """Inside, the step runs the model uncompiled and ungraphed (FLOP counting and
+        profiling see eager ops; the maths is the same)."""
+        compiled, graphed = self.forward, self.graphed
+        self.forward, self.graphed = self.model, None
         try:
             yield
         finally:
-            self.forward = compiled
+            self.forward, self.graphed = compiled, graphed
+
+
+_CPU = torch.device("cpu")

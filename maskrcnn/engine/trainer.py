@@ -54,10 +54,7 @@ from maskrcnn.engine import checkpoint as ckpt
 from maskrcnn.engine import distributed
 from maskrcnn.engine.evaluate import evaluate
 from maskrcnn.engine.events import EventWriter
-from maskrcnn.engine.solver import (
-    build_lr_scheduler,
-    make_schedule,
-)
+from maskrcnn.engine.solver import make_schedule
 from maskrcnn.engine.step import LOSS_KEYS, TrainStep, unwrap
 from maskrcnn.runtime import Runtime
 
@@ -244,7 +241,7 @@ class Trainer:
         return {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.train_step.lr_scheduler.state_dict(),
+            "lr": self.train_step.lr.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "epoch": self.schedule.epoch_of(self.step),
@@ -319,13 +316,12 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             same_batch = state["global_batch"] == schedule.global_batch
             if same_batch:
-                self.train_step.lr_scheduler.load_state_dict(state["lr_scheduler"])
                 self.step = state["step"]
             else:
                 self.step = schedule.equivalent_step(state["step"], state["global_batch"],
                                                      state["steps_per_epoch"])
-                self.train_step.lr_scheduler = build_lr_scheduler(self.optimizer, schedule,
-                                                                 self.step)
+            # The LR follows this run's schedule from its step (its base LR for this batch).
+            self.train_step.lr.set_step(self.step)
             saved_world = state["world_size"]
         except (KeyError, RuntimeError, ValueError) as error:
             raise ckpt.CheckpointError(f"checkpoint {path} does not fit this config: "
@@ -337,7 +333,7 @@ class Trainer:
             self.log(f"{path} was written at step {state['step']} of global batch "
                      f"{state['global_batch']} ({saved_world} process(es)); this run has "
                      f"global batch {schedule.global_batch}: continuing at step {self.step}, "
-                     f"LR {self.optimizer.param_groups[0]['lr']:.3g}")
+                     f"LR {self.train_step.lr.current():.3g}")
         self.log(f"resumed from {path} at step {self.step} (epoch "
                  f"{schedule.epoch_of(self.step)})")
         return path
@@ -425,7 +421,7 @@ class Trainer:
                         data_wait += time.perf_counter() - wait_start
                         if batch is None:
                             break
-                        losses = self.train_step(batch.to(self.device))
+                        losses = self.train_step(self.train_step.to_device(batch))
                         sums += losses
                         bad = ~torch.isfinite(losses) & (first_bad < 0)
                         first_bad = torch.where(bad, self.step, first_bad)
@@ -556,7 +552,7 @@ class Trainer:
         distributed.all_reduce_(sums, torch.distributed.ReduceOp.SUM,
                                 "all_reduce of the logged losses")
         means = (sums / (steps * self.world_size)).tolist()
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.train_step.lr.current()
         images_per_s = steps * self.schedule.global_batch / max(seconds, 1e-9)
         memory = peak_memory_mib(self.device)
         values = dict(zip(LOSS_KEYS, means, strict=True))

@@ -95,6 +95,7 @@ def test_config_file_path_and_relative_base(tmp_path):
     ("model { backbone { norm: BATCH_NORM frozen_stages: 1 } }",
      "model.backbone.norm = BATCH_NORM: must not be BATCH_NORM with frozen_stages > 0"),
     ("run { checkpoint_period_steps: -1 }", "run.checkpoint_period_steps = -1: must be >= 0"),
+    ("run { precision: FP16 }", "run.cuda_graph = True: needs precision FP32 or BF16"),
     ("model { roi_heads { head_group_norm: true mask_head_channels: 48 } }",
      "model.roi_heads.mask_head_channels = 48: must be divisible by 32 with head_group_norm"),
 ])

@@ -259,7 +259,7 @@ def test_torchrun_training_doubles_the_global_batch_and_only_rank_0_writes(torch
     assert len(list((out / "events").iterdir())) == 1
     state = ckpt.load(out / "checkpoints" / "step_00000004.pt")
     assert state["global_batch"] == 4 and state["world_size"] == 2
-    assert state["lr_scheduler"]["base_lrs"][0] == pytest.approx(0.0075 * 4)
+    assert state["lr"]["base_lr"] == pytest.approx(0.0075 * 4)
 
 
 def test_checkpoint_resumes_on_one_process_at_the_same_point(torchrun_training, tmp_path,
@@ -277,8 +277,8 @@ def test_checkpoint_resumes_on_one_process_at_the_same_point(torchrun_training, 
     assert "continuing at step 6" in result.stdout
     assert "resumed from" in result.stdout and "at step 6 (epoch 1)" in result.stdout
     state = ckpt.load(resumed / "checkpoints" / "step_00000008.pt")
-    assert state["global_batch"] == 2 and state["lr_scheduler"]["last_epoch"] == 8
-    assert state["lr_scheduler"]["base_lrs"][0] == pytest.approx(0.0075 * 2)
+    assert state["global_batch"] == 2 and state["lr"]["step"] == 8
+    assert state["lr"]["base_lr"] == pytest.approx(0.0075 * 2)
 
 
 def test_sharded_evaluation_scores_like_one_process(torchrun_training, tmp_path, cache):

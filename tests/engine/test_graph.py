@@ -1,0 +1,87 @@
+"""The CUDA-graph replayer's bookkeeping (engine/graph.py), driven on the CPU.
+
+A CPU has no CUDA graph, so these tests pass GraphedStep a recorder that does what a capture
+does to the program's state: it runs nothing when "capturing", and each replay runs the
+function on the static input buffers it was captured with, writing the same static output
+tensor. On a GPU, tools/gpu_check.py compares real replays with eager steps.
+"""
+
+import torch
+
+from maskrcnn.bench.synthetic import synthetic_batch
+from maskrcnn.engine.graph import GraphedStep
+from maskrcnn.engine.step import LOSS_KEYS, model_inputs
+from maskrcnn.runtime import Runtime
+from tests.engine.test_step import _tiny_step
+
+
+class Recorder:
+    """A stand-in for CudaCapture: replay() re-runs the function on the captured inputs
+    and copies its result into the one output tensor, as a graph's kernels would."""
+
+    def __init__(self, output_size: int):
+        self.output_size = output_size
+        self.captures = []
+
+    def __call__(self, function, inputs):
+        self.captures.append(inputs)
+        output = torch.full((self.output_size,), float("nan"))  # nothing ran yet
+
+        def replay():
+            output.copy_(function(*inputs))
+
+        return replay, output
+
+
+def test_graph_replays_each_canvas_after_its_warmup_and_trains_on_every_batch():
+    """If this fails, the replayer skips or repeats a batch (the capture's batch must be
+    trained on by the first replay), captures a canvas before its warm-up or more than once,
+    reads a stale batch (not copied into the static buffers), or returns the graph's own
+    output buffer (which the next replay overwrites)."""
+    seen = []
+
+    def step(images, sizes):
+        seen.append(float(images.sum()))
+        return torch.stack([images.sum(), sizes.sum()])
+
+    recorder = Recorder(2)
+    graphed = GraphedStep(step, torch.device("cpu"), warmup_steps=2, capture=recorder)
+    wide, tall = torch.zeros(1, 2, 3), torch.zeros(1, 3, 2)
+    sizes = torch.zeros(2)
+    outputs = []
+    order = [wide, wide, tall, wide, wide, tall, tall, tall, wide]
+    for index, canvas in enumerate(order):
+        outputs.append(graphed(canvas + index, sizes + index))
+    expected = [float((canvas + i).sum()) for i, canvas in enumerate(order)]
+    assert seen == expected  # every batch once, in order, with its own values
+    assert [o[0].item() for o in outputs] == expected  # earlier results not overwritten
+    assert len(recorder.captures) == 2 and len(graphed.graphs) == 2
+    assert sorted(graphed.eager_steps.values()) == [2, 2]
+    # The static buffers are copies, never the caller's tensors.
+    first = recorder.captures[0][0]
+    assert all(first.data_ptr() != canvas.data_ptr() for canvas in order)
+
+
+def test_graphed_train_step_trains_as_the_eager_step():
+    """If this fails, running the training step through the replayer's static buffers
+    changes what it computes (a batch copied wrongly, a stride lost, the LR or momentum not
+    carried from the eager warm-up into the replays): 5 steps over two canvases, with the
+    recorder standing in for the graph, must give the eager steps' losses and weights."""
+    eager, graphed = (_tiny_step(Runtime.gpu_path()) for _ in range(2))
+    replayer = GraphedStep(graphed.step_function, torch.device("cpu"), warmup_steps=1,
+                           capture=Recorder(len(LOSS_KEYS)))
+    swapped = eager.config.__class__()
+    swapped.CopyFrom(eager.config)
+    swapped.data.canvas.reverse()  # synthetic_batch fills the first canvas
+    batches = [synthetic_batch(c, seed=i) for i, c in enumerate((eager.config, swapped))]
+    for index in range(5):
+        inputs = model_inputs(batches[index % 2], eager.config.run.channels_last)
+        torch.manual_seed(index)
+        expected = eager.step_function(*inputs)
+        torch.manual_seed(index)
+        got = replayer(*inputs)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert len(replayer.graphs) == 2
+    for a, b in zip(eager.model.parameters(), graphed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert int(graphed.lr.step) == 5
