@@ -13,7 +13,14 @@ below H (resp. W) is clamped into [0, H-1] (resp. [0, W-1]), one outside contrib
 counts in the average. Multi-level pooling takes each RoI from one level, chosen by
 `assign_levels` as torchvision's MultiScaleRoIAlign does.
 
-How (one path for every device, plain PyTorch ops, no data-dependent shape, no host sync):
+Two ways to compute it (`method` of `roi_align` and `multilevel_roi_align`, ROI_ALIGN_METHODS):
+- "gather" (the default): the embedding_bag op below, on every device, deterministic.
+- "triton": the Triton kernels of ops/roi_align_triton.py (CUDA; on a CPU only interpreted),
+  which read the features through their strides and add the gradient with float atomics (not
+  bitwise reproducible from run to run on a GPU). Its output has channels-last strides.
+
+How "gather" computes it (one path for every device, plain PyTorch ops, no data-dependent shape,
+no host sync):
 - All levels are viewed as one table of T+1 channels-last rows [T+1, C]: level by level, image by
   image, y, x, then one zero row. A tap of RoI r at (y, x) reads row
   offset[level_r] + (batch_r * H + y) * W + x; taps of sample points outside the map read the
@@ -39,6 +46,9 @@ import math
 
 import torch
 from torch.nn import functional as F
+
+# The ways to compute ROIAlign; see the module docstring.
+ROI_ALIGN_METHODS = ("gather", "triton")
 
 
 def assign_levels(boxes: torch.Tensor, min_level: int, max_level: int, canonical_level: int = 4,
@@ -241,42 +251,58 @@ def _backward(ctx, grad):
 roi_align_levels.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _levels_op(method: str):
+    """The op that pools each RoI on its level by `method` (one of ROI_ALIGN_METHODS)."""
+    if method == "gather":
+        return roi_align_levels
+    if method == "triton":
+        from maskrcnn.ops.roi_align_triton import (  # noqa: PLC0415 (needs Triton)
+            roi_align_levels_triton,
+        )
+        return roi_align_levels_triton
+    raise ValueError(f"unknown ROIAlign method {method!r}; expected one of "
+                     f"{', '.join(ROI_ALIGN_METHODS)}")
+
+
 def roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: int, spatial_scale: float,
-              sampling_ratio: int, aligned: bool) -> torch.Tensor:
+              sampling_ratio: int, aligned: bool, method: str = "gather") -> torch.Tensor:
     """Single-level ROIAlign, as torchvision.ops.roi_align with sampling_ratio > 0.
 
     Args:
         features: float[N, C, H, W]; rois: float[R, 5] (batch index, x1, y1, x2, y2) in
             input-image pixels; spatial_scale: feature pixels per input pixel.
+        method: one of ROI_ALIGN_METHODS (see the module docstring).
 
     Returns:
         float[R, C, output_size, output_size].
     """
+    pool = _levels_op(method)
     levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
-    return roi_align_levels([features], rois, levels, output_size, [spatial_scale],
-                            sampling_ratio, aligned)
+    return pool([features], rois, levels, output_size, [spatial_scale], sampling_ratio, aligned)
 
 
 def multilevel_roi_align(features: list[torch.Tensor], rois: torch.Tensor, output_size: int,
-                         strides: list[int], sampling_ratio: int = 2,
-                         aligned: bool = True) -> torch.Tensor:
+                         strides: list[int], sampling_ratio: int = 2, aligned: bool = True,
+                         method: str = "gather") -> torch.Tensor:
     """ROIAlign of each RoI on its FPN level, as torchvision's MultiScaleRoIAlign.
 
     Args:
         features: per level float[N, C, H_l, W_l], e.g. P2..P5.
         rois: float[R, 5] (batch index, x1, y1, x2, y2) in input-image pixels.
         output_size: P; strides: per level, consecutive powers of two (level = log2(stride)).
+        method: one of ROI_ALIGN_METHODS (see the module docstring).
 
     Returns:
         float[R, C, P, P].
     """
+    pool = _levels_op(method)
     levels = [round(math.log2(stride)) for stride in strides]
     if [2 ** level for level in levels] != list(strides) or levels != list(
             range(levels[0], levels[0] + len(levels))):
         raise ValueError(f"strides must be consecutive powers of two, got {strides}")
     index = assign_levels(rois[:, 1:], levels[0], levels[-1]) - levels[0]
-    return roi_align_levels(features, rois, index, output_size,
-                            [1.0 / stride for stride in strides], sampling_ratio, aligned)
+    return pool(features, rois, index, output_size, [1.0 / stride for stride in strides],
+                sampling_ratio, aligned)
 
 
 def roi_align_reference(features: torch.Tensor, rois: torch.Tensor, output_size: int,
