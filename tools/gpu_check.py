@@ -4,21 +4,28 @@
 reference; this script checks that the CUDA runs of the same code agree with the CPU runs, on
 fresh random inputs: ROIAlign forward and backward, proposal generation (NMS included), fixed-size
 NMS (every GPU method: the Triton kernel, the static PyTorch loop, torchvision's shifted call;
-against the CPU's per-cell torchvision NMS, up to the recipe's sizes), mask pasting, the whole
+against the CPU's per-cell torchvision NMS, up to the recipe's sizes), the Triton ROIAlign
+against the gather op at the recipe's sizes in BF16 and FP32 (forward and backward, timed
+against torchvision's MultiScaleRoIAlign; CUDA only), mask pasting, the whole
 model's five training losses and gradients (deterministic sampling keys, FP32 with TF32 off)
 and its detections in eval mode; a few training steps of the trainer's own TrainStep in BF16
 and FP16 (losses must be finite); then one training step and one inference forward of the 8x4
 model under torch.cuda.set_sync_debug_mode("error") (no host synchronisation). Prints one
-line per check and exits 1 if any fails. CI never has a GPU: with --device=cpu it compares
-the CPU with itself, which exercises the script only.
+line per check and exits 1 if any fails; --json_out also writes every check and the measured
+times as JSON. CI never has a GPU: with --device=cpu it compares the CPU with itself, which
+exercises the script only.
 """
 
 import argparse
 import contextlib
+import json
+import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+from torchvision.ops import MultiScaleRoIAlign
 
 from maskrcnn.bench.step import bench_step
 from maskrcnn.bench.synthetic import synthetic_batch
@@ -29,18 +36,24 @@ from maskrcnn.ops.boxes import box_iou
 from maskrcnn.ops.nms import batched_nms_fixed
 from maskrcnn.ops.paste_masks import paste_masks
 from maskrcnn.ops.proposals import generate_proposals
-from maskrcnn.ops.roi_align import multilevel_roi_align
+from maskrcnn.ops.roi_align import assign_levels, multilevel_roi_align
 from maskrcnn.runtime import Runtime
 
 # Relative error bound (||gpu - cpu|| / ||cpu||) of float32 results computed in different orders.
 FP32_RTOL = 1e-4
 STRIDES = [4, 8, 16, 32]
 
+# Relative error bound of a BF16 result against FP32 on the same BF16 values: one rounding.
+BF16_RTOL = 1e-2
+
 failures: list[str] = []
+# What --json_out writes: every check's outcome, and the times measured (ms).
+results: dict = {"checks": [], "times_ms": {}}
 
 
 def _report(name: str, ok: bool, detail: str) -> None:
     print(f"{'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    results["checks"].append({"name": name, "ok": ok, "detail": detail})
     if not ok:
         failures.append(name)
 
@@ -83,6 +96,99 @@ def check_roi_align(device: torch.device, g: torch.Generator) -> None:
         _close(f"ROIAlign forward (aligned={aligned})", gpu, cpu)
         _close(f"ROIAlign backward (aligned={aligned})", torch.cat(
             [x.flatten() for x in gpu_grads]), torch.cat([x.flatten() for x in cpu_grads]))
+
+
+def _median_ms(fn, device: torch.device, runs: int = 5) -> float:
+    """Median time of fn() over `runs` runs after one warm-up, each from a synchronised device."""
+    fn()
+    times = []
+    for _ in range(runs):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def check_roi_align_triton(device: torch.device, g: torch.Generator) -> None:
+    """The Triton ROIAlign (compiled) against the gather op at the recipe's sizes: 8 images,
+    256 channels, P2..P5 of an 800x1344 canvas, channels-last, 512 box RoIs per image at 7x7 and
+    128 mask RoIs per image at 14x14, aligned; in BF16 (against the gather op in FP32 on the
+    same BF16 values) and FP32, forward and every level's gradient. Then forward + backward
+    timed for each (`_time_roi_align`; under BF16 autocast torchvision pools in FP32, as in
+    its model)."""
+    if device.type != "cuda":
+        _report("ROIAlign (triton)", True, "not checked: the Triton kernels run compiled on CUDA "
+                "only (the CPU tests run them interpreted, at small sizes)")
+        return
+    n, c, h, w = 8, 256, 800, 1344
+    base = [torch.randn(n, c, h // s, w // s, generator=g).to(device)
+            .to(memory_format=torch.channels_last) for s in STRIDES]
+    for case, per_image, side in (("box", 512, 7), ("mask", 128, 14)):
+        size = 16 + torch.rand(n * per_image, 2, generator=g) * 584
+        corner = torch.rand(n * per_image, 2, generator=g) * (torch.tensor([w, h]) - size)
+        batch = torch.arange(n).repeat_interleave(per_image).float()[:, None]
+        rois = torch.cat([batch, corner, corner + size], 1).to(device)
+        grad = torch.randn(n * per_image, c, side, side, generator=g).to(device)
+        levels = (assign_levels(rois[:, 1:], 2, 5) - 2).bincount(minlength=4).tolist()
+        what = f"{case} {n * per_image} RoIs {side}x{side}, per level {levels}"
+        for dtype in (torch.bfloat16, torch.float32):
+            name = f"ROIAlign (triton) {case} {str(dtype).removeprefix('torch.')}"
+            outs = {}
+            # Triton in `dtype`; the reference, the gather op in FP32 on the same values.
+            for method, leaf_dtype in (("triton", dtype), ("gather", torch.float32)):
+                leaves = [f.to(dtype).to(leaf_dtype, copy=True).requires_grad_() for f in base]
+                pooled = multilevel_roi_align(leaves, rois, side, STRIDES, 2, True, method)
+                pooled.backward(grad.to(dtype).to(leaf_dtype))
+                outs[method] = (pooled, [f.grad for f in leaves])
+            (ours, ours_grads), (ref, ref_grads) = outs["triton"], outs["gather"]
+            rtol = BF16_RTOL if dtype == torch.bfloat16 else FP32_RTOL
+            _report(f"{name}: output dtype", ours.dtype == dtype and all(
+                x.dtype == dtype for x in ours_grads), f"{ours.dtype}; {what}")
+            _close(f"{name}: forward", ours, ref, rtol)
+            _close(f"{name}: backward", torch.cat([x.flatten() for x in ours_grads]),
+                   torch.cat([x.flatten() for x in ref_grads]), rtol)
+            del outs, ours, ours_grads, ref, ref_grads
+            _time_roi_align(f"{case} {str(dtype).removeprefix('torch.')}", base, rois, grad,
+                            side, dtype, device)
+
+
+def _time_roi_align(key: str, base: list[torch.Tensor], rois: torch.Tensor,
+                    grad: torch.Tensor, side: int, dtype: torch.dtype,
+                    device: torch.device) -> None:
+    """Forward + backward times of the Triton op and the gather op (channels-last features,
+    aligned) and of torchvision's MultiScaleRoIAlign (NCHW features, its layout; not aligned, as
+    it must be: the same work), printed and recorded in results["times_ms"][key]."""
+    names = ["p2", "p3", "p4", "p5"]
+    features = [f.to(dtype, copy=True).requires_grad_() for f in base]
+    tv_features = [f.to(dtype, memory_format=torch.contiguous_format).requires_grad_()
+                   for f in base]
+    n = features[0].shape[0]
+    pooler = MultiScaleRoIAlign(names, side, sampling_ratio=2)
+    boxes = list(rois[:, 1:].split(rois.shape[0] // n))
+    image_sizes = [(features[0].shape[2] * STRIDES[0], features[0].shape[3] * STRIDES[0])] * n
+
+    def step(pool, leaves):
+        def run():
+            for f in leaves:
+                f.grad = None
+            pooled = pool()
+            pooled.backward(grad.to(pooled.dtype))
+        return run
+
+    def torchvision():
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            return pooler(dict(zip(names, tv_features, strict=True)), boxes, image_sizes)
+
+    times = {method: _median_ms(step(lambda method=method: multilevel_roi_align(
+        features, rois, side, STRIDES, 2, True, method), features), device)
+        for method in ("triton", "gather")}
+    times["torchvision"] = _median_ms(step(torchvision, tv_features), device)
+    results["times_ms"][f"ROIAlign forward+backward {key}"] = times
+    print(f"     ROIAlign forward+backward {key}: " + ", ".join(
+        f"{method} {ms:.2f} ms" for method, ms in times.items())
+        + f" (torchvision / triton {times['torchvision'] / times['triton']:.2f}x)", flush=True)
 
 
 def _gpu_methods(device: torch.device) -> list[str]:
@@ -229,7 +335,9 @@ def check_training(device: torch.device) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
-    device = torch.device(parser.parse_args().device)
+    parser.add_argument("--json_out", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             print(f"--device={device}: no CUDA device is available")
@@ -240,6 +348,7 @@ def main() -> int:
     start = time.perf_counter()
     g = torch.Generator().manual_seed(int(time.time()))  # fresh inputs every run
     check_roi_align(device, g)
+    check_roi_align_triton(device, g)
     check_proposals(device, g)
     check_nms(device, g)
     check_paste_masks(device, g)
@@ -248,6 +357,8 @@ def main() -> int:
     check_no_host_sync(device)
     print(f"{len(failures)} failed ({time.perf_counter() - start:.1f} s)"
           + (": " + ", ".join(failures) if failures else ""))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
     return 1 if failures else 0
 
 

@@ -12,14 +12,17 @@ BoxCoder.decode of every anchor, then filter_proposals (per level top-k, clip, d
 boxes, one batched_nms over the levels per image, best P). Same random logits and deltas,
 same anchors, the config's RPN training top-k and NMS threshold.
 
-ROIAlign: ours is `multilevel_roi_align`, torchvision's MultiScaleRoIAlign (level assignment,
-one roi_align per level), on the same float32 P2..P5 features (requiring grad) and random
-RoIs; both not aligned (torchvision's MultiScaleRoIAlign cannot be) with sampling ratio 2.
+ROIAlign: ours is `multilevel_roi_align`, once per method the device runs ("gather", the
+default; on CUDA also "triton", the Triton kernels: on a CPU they only run interpreted, far too
+slow at these sizes), torchvision's MultiScaleRoIAlign (level assignment, one roi_align per
+level), on the same float32 NCHW P2..P5 features (requiring grad) and random RoIs; all not
+aligned (torchvision's MultiScaleRoIAlign cannot be) with sampling ratio 2.
 Box-head case: N x R RoIs at pooler_resolution; mask-head case: N x F RoIs at
 mask_pooler_resolution. "backward" is pooled.backward(grad) until every level's .grad is
 written. Every time is the median of the timed runs, each from and to a synchronised device.
 """
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -120,9 +123,15 @@ def _random_rois(n: int, per_image: int, canvas: tuple[int, int],
     return torch.cat([batch[:, None], corner, corner + size], dim=1)
 
 
+def roi_align_methods(device: torch.device) -> list[str]:
+    """The ROIAlign methods benchmarked on a device: "gather", and on CUDA "triton"."""
+    return ["gather", "triton"] if device.type == "cuda" else ["gather"]
+
+
 def bench_roi_align(config: Config, device: torch.device, case: str, per_image: int,
                     side: int, runs: int, warmup: int) -> list[dict]:
-    """ROIAlign forward and backward of one pooler: two rows (forward, backward)."""
+    """ROIAlign forward and backward of one pooler: two rows (forward, backward) per method of
+    `roi_align_methods`, the "gather" ones unsuffixed."""
     n, c = config.run.images_per_gpu, config.model.fpn_channels
     h, w = config.data.canvas[0].height, config.data.canvas[0].width
     g = torch.Generator().manual_seed(0)
@@ -134,8 +143,9 @@ def bench_roi_align(config: Config, device: torch.device, case: str, per_image: 
     tv_features = dict(zip(POOLED, features, strict=True))
     tv_boxes = list(rois[:, 1:].split(per_image))
 
-    def ours():
-        return multilevel_roi_align(features, rois, side, ROI_STRIDES, 2, aligned=False)
+    def ours(method: str) -> torch.Tensor:
+        return multilevel_roi_align(features, rois, side, ROI_STRIDES, 2, aligned=False,
+                                    method=method)
 
     def theirs():
         return tv_pooler(tv_features, tv_boxes, [(h, w)] * n)
@@ -153,21 +163,35 @@ def bench_roi_align(config: Config, device: torch.device, case: str, per_image: 
         return run
 
     with torch.no_grad():
-        forward_ms = [_median_ms(_timed(pool, device), runs, warmup) for pool in (ours, theirs)]
-        diff = (ours() - theirs()).abs().max().item()
-    backward_ms = [_median_ms(backward_of(pool), runs, warmup) for pool in (ours, theirs)]
+        theirs_forward_ms = _median_ms(_timed(theirs, device), runs, warmup)
+    theirs_backward_ms = _median_ms(backward_of(theirs), runs, warmup)
     what = f"{case}: N={n}, C={c}, {h}x{w}, {n * per_image} RoIs, {side}x{side}"
-    return [_row("ROIAlign forward", what, *forward_ms, f"max |ours - tv| {diff:.1e}"),
-            _row("ROIAlign backward", what, *backward_ms, "")]
+    rows = []
+    for method in roi_align_methods(device):
+        pool = functools.partial(ours, method)
+        suffix = "" if method == "gather" else f" ({method})"
+        with torch.no_grad():
+            forward_ms = _median_ms(_timed(pool, device), runs, warmup)
+            diff = (pool() - theirs()).abs().max().item()
+        backward_ms = _median_ms(backward_of(pool), runs, warmup)
+        rows += [_row(f"ROIAlign forward{suffix}", what, forward_ms, theirs_forward_ms,
+                      f"max |ours - tv| {diff:.1e}"),
+                 _row(f"ROIAlign backward{suffix}", what, backward_ms, theirs_backward_ms, "")]
+    return rows
 
 
 def bench_ops(config: Config, device: torch.device, runs: int, warmup: int) -> list[dict]:
-    """Every op row: proposals, then ROIAlign forward and backward for the box and mask heads.
+    """Every op row: proposals, then ROIAlign forward and backward (per method) for the box and
+    mask heads.
 
     Returns dicts {"op", "case", "ours_ms", "torchvision_ms", "speedup" (torchvision / ours),
     "check" (a sanity figure comparing the two outputs)}.
     """
     roi = config.model.roi_heads
+    if "triton" not in roi_align_methods(device):
+        print(f"ops: no ROIAlign (triton) rows on {device.type}: the Triton kernels run "
+              f"compiled on CUDA only (interpreted on a CPU, far too slow at these sizes)",
+              flush=True)
     return [
         *bench_proposals(config, device, runs, warmup),
         *bench_roi_align(config, device, "box head", roi.batch_size_per_image,
