@@ -50,6 +50,9 @@ from maskrcnn.config.flags import FLAGS, config_from_flags
 from maskrcnn.data.batch import Batch
 from maskrcnn.engine.step import TrainStep
 from maskrcnn.engine.trainer import resolve_device
+from maskrcnn.ops.nms import METHODS as NMS_METHODS
+from maskrcnn.ops.roi_align import ROI_ALIGN_METHODS
+from maskrcnn.runtime import Runtime
 
 BASELINES = ("none", "torchvision")
 flags.DEFINE_string("baseline", "none", "none, or torchvision: also time torchvision's Mask "
@@ -64,6 +67,10 @@ flags.DEFINE_bool("baseline_cudnn_benchmark", False, "cuDNN autotuning for torch
                   "in torchvision's reference scripts: its RoI counts change every step, and "
                   "with autotuning each new shape is tuned again (seen on an H200: median "
                   "step 4.5x its fastest).")
+flags.DEFINE_string("nms", "auto", "Our NMS method (ops/nms.py: triton, torch, per_cell, "
+                    "shifted); auto = the device's default.")
+flags.DEFINE_string("roi_align", "auto", "Our ROIAlign method (ops/roi_align.py: gather, "
+                    "triton); auto = the device's default.")
 flags.DEFINE_bool("breakdown", True, "Profile where our training step's time goes.")
 flags.DEFINE_bool("ops", True, "Op micro-benchmarks (proposals, ROIAlign) against torchvision.")
 flags.DEFINE_bool("loader", False, "Time the input pipeline (decode, resize, flip, pad, "
@@ -88,6 +95,11 @@ def _check_flags() -> torch.device:
         raise ConfigError(f"--steps={FLAGS.steps}: must be at least 1")
     if FLAGS.warmup < 0:
         raise ConfigError(f"--warmup={FLAGS.warmup}: must be at least 0")
+    if FLAGS.nms not in ("auto", *NMS_METHODS):
+        raise ConfigError(f"--nms={FLAGS.nms}: must be auto or one of {', '.join(NMS_METHODS)}")
+    if FLAGS.roi_align not in ("auto", *ROI_ALIGN_METHODS):
+        raise ConfigError(f"--roi_align={FLAGS.roi_align}: must be auto or one of "
+                          f"{', '.join(ROI_ALIGN_METHODS)}")
     if FLAGS.peak_tflops < 0:
         raise ConfigError(f"--peak_tflops={FLAGS.peak_tflops:g}: must be positive (or 0)")
     if not FLAGS.loader_workers or not all(w.isdigit() and int(w) > 0
@@ -152,11 +164,11 @@ class _Side:
 
 def _set_up(name: str, model: torch.nn.Module, train: Callable[[], object],
             infer: Callable[[], object], count_flops_of: Callable[[], int], memory: PeakMemory,
-            last: dict, count_detections: Callable[[], float]) -> _Side:
+            last: dict, count_detections: Callable[[], float], extra_warmup: int = 0) -> _Side:
     """Counts the FLOPs of one training step, then runs the warm-up steps (inside the side's
-    memory measurement, where its peak is reached)."""
+    memory measurement, where its peak is reached), extra_warmup more than --warmup."""
     flops = count_flops_of()
-    for _ in range(FLAGS.warmup):
+    for _ in range(FLAGS.warmup + extra_warmup):
         train()
     return _Side(name, model, train, infer, flops, memory, last, count_detections)
 
@@ -165,7 +177,10 @@ def set_up_ours(config: Config, batch: Batch,
                 device: torch.device) -> tuple[_Side, TrainStep]:
     last = {}
     with PeakMemory(device) as memory:
-        trainer = bench_step(config, device)
+        runtime = Runtime.for_device(device)
+        runtime = runtime.replace(**{name: getattr(FLAGS, name) for name in ("nms", "roi_align")
+                                     if getattr(FLAGS, name) != "auto"})
+        trainer = bench_step(config, device, runtime)
 
         def train():
             last["loss"] = trainer(batch)
@@ -182,8 +197,11 @@ def set_up_ours(config: Config, batch: Batch,
                 hook.remove()
 
         infer = inference_step(trainer, batch)
+        # A graphed step first runs its eager warm-up steps, then its capture (see
+        # engine/graph.py); the timed steps are all replays.
+        graph_warmup = trainer.graphed.warmup_steps + 1 if trainer.graphed else 0
         side = _set_up("ours", trainer.model, train, infer, count, memory, last,
-                       lambda: infer()["valid"].sum().item() / len(batch))
+                       lambda: infer()["valid"].sum().item() / len(batch), graph_warmup)
     return side, trainer
 
 
@@ -270,10 +288,13 @@ def run_benchmark(config: Config, device: torch.device) -> dict:
             "images_per_step": n, "gt_slots": config.data.max_instances,
             "instances_per_image": batch.gt_valid.sum().item() / n,
             "precision": config_pb2.Precision.Name(config.run.precision),
+            "compile": config.run.compile,
+            "cuda_graph": config.run.cuda_graph and device.type == "cuda",
             "steps": FLAGS.steps, "warmup": FLAGS.warmup},
         "peak": {"tflops": peak, "source": peak_source},
     }
     ours, trainer = set_up_ours(config, batch, device)
+    report["setup"].update(nms=trainer.runtime.nms, roi_align=trainer.runtime.roi_align)
     sides = [ours]
     if FLAGS.baseline == "torchvision":
         sides.append(set_up_torchvision(config, batch, device))
@@ -326,6 +347,10 @@ def format_report(report: dict) -> str:
         f"{setup['canvas'][1]}, {setup['instances_per_image']:.1f} instances per image "
         f"({setup['gt_slots']} slots), precision {setup['precision']}; {setup['warmup']} "
         f"warm-up then {setup['steps']} timed steps per measurement",
+        f"our step: {'compiled' if setup['compile'] else 'eager'}, NMS {setup['nms']}, "
+        f"ROIAlign {setup['roi_align']}"
+        + (", replayed as one CUDA graph (after its warm-up and capture)"
+           if setup["cuda_graph"] else ""),
         f"MFU: FLOPs as run (torch.utils.flop_counter: convolutions and matrix products, "
         f"padded slots included) against {peak['tflops']:.4g} TFLOP/s ({peak['source']})",
         f"peak memory: {report['memory_kind']}",

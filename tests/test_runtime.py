@@ -2,9 +2,12 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from maskrcnn.bench.synthetic import synthetic_batch
 from maskrcnn.config import load_config
 from maskrcnn.engine import distributed
+from maskrcnn.engine.step import model_inputs
 from maskrcnn.model.maskrcnn import build_model
 from maskrcnn.model.sampling import global_batch_keys, local_counts
 from maskrcnn.runtime import Runtime
@@ -19,10 +22,13 @@ def test_choices_per_device():
     assert cpu.trim_slots and cpu.nms == "per_cell" and cpu.world_size == 1
     gpu = Runtime.for_device("cuda", rank=3, world_size=8)
     assert not gpu.trim_slots and gpu.nms in ("triton", "torch")
+    assert cpu.roi_align == "gather" and gpu.roi_align in ("triton", "gather")
     assert (gpu.rank, gpu.world_size) == (3, 8)
     assert Runtime.gpu_path() == Runtime(trim_slots=False, nms="torch")
     with pytest.raises(ValueError, match="unknown NMS method 'fast'"):
         Runtime(trim_slots=False, nms="fast")
+    with pytest.raises(ValueError, match="unknown ROIAlign method 'cuda'"):
+        Runtime(trim_slots=False, nms="torch", roi_align="cuda")
 
 
 def test_builders_take_every_choice_from_the_runtime():
@@ -38,6 +44,9 @@ def test_builders_take_every_choice_from_the_runtime():
     ranked = build_model(config, Runtime.gpu_path("triton").replace(rank=1, world_size=2))
     assert not ranked.trim_slots and not ranked.roi_heads.trim_slots
     assert ranked.rpn.nms_method == ranked.roi_heads.nms_method == "triton"
+    assert one.roi_heads.roi_align_method == ranked.roi_heads.roi_align_method == "gather"
+    assert build_model(config, Runtime.gpu_path(roi_align="triton")).roi_heads \
+        .roi_align_method == "triton"
     for stage in (ranked.rpn, ranked.roi_heads):
         assert stage.normalizers is distributed.global_counts
         labels = torch.zeros(2, 5, dtype=torch.int64)
@@ -45,3 +54,44 @@ def test_builders_take_every_choice_from_the_runtime():
         drawn = stage.keys(labels)
         torch.manual_seed(0)
         assert torch.equal(drawn, global_batch_keys(1, 2)(labels))
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the name of every op dispatched inside."""
+
+    def __enter__(self):
+        self.names = set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_triton_roi_align_model_trains_as_the_gather_model():
+    """If this fails, the model built with the Triton ROIAlign (a GPU's default) computes other
+    losses or gradients than with the gather op: the kernel, or its wiring into the RoI heads
+    (box and mask pooling, the levels, the channels-last features), is wrong. Run under
+    TRITON_INTERPRET=1 at the tiny config's sizes."""
+    config = load_config("shapes", [*TINY, "run { channels_last: true }"])
+    batch = synthetic_batch(config, seed=1)
+    results = []
+    for method in ("gather", "triton"):
+        torch.manual_seed(0)
+        model = build_model(config, Runtime.gpu_path(roi_align=method))
+        model = model.to(memory_format=torch.channels_last).train()
+        torch.manual_seed(1)
+        with _OpNames() as ops:
+            losses = model(*model_inputs(batch, channels_last=True))
+            sum(losses.values()).backward()
+        pooled = "maskrcnn.multilevel_roi_align" + ("_triton" if method == "triton" else "")
+        assert {f"{pooled}.default", f"{pooled}_backward.default"} <= ops.names, method
+        results.append((losses, {n: p.grad for n, p in model.named_parameters()
+                                 if p.grad is not None}))
+    (gather, gather_grads), (triton, triton_grads) = results
+    for key in gather:
+        torch.testing.assert_close(triton[key], gather[key], rtol=1e-5, atol=1e-6)
+    assert gather_grads.keys() == triton_grads.keys()
+    for name in gather_grads:
+        torch.testing.assert_close(triton_grads[name], gather_grads[name], rtol=1e-4,
+                                   atol=1e-5, msg=name)

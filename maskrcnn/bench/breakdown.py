@@ -22,8 +22,10 @@ from maskrcnn.bench.measure import synchronize
 from maskrcnn.model.maskrcnn import MaskRCNN
 
 HEADS_SCOPE = "box+mask heads"
-ROI_ALIGN_OP = "maskrcnn::multilevel_roi_align"
-ROI_ALIGN_BACKWARD_OP = "maskrcnn::multilevel_roi_align_backward"
+# ROIAlign's ops, by method (ops/roi_align.py: gather, triton).
+ROI_ALIGN_OPS = ("maskrcnn::multilevel_roi_align", "maskrcnn::multilevel_roi_align_triton")
+ROI_ALIGN_BACKWARD_OPS = ("maskrcnn::multilevel_roi_align_backward",
+                          "maskrcnn::multilevel_roi_align_triton_backward")
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
 # ATen matrix products; with every ATen op named "...convolution..." (forward, backward,
 # transposed, oneDNN or cuDNN) they are the work that both sides of the benchmark run in the
@@ -153,11 +155,12 @@ def breakdown(step: Callable[[], object], model: MaskRCNN, device: torch.device,
             handle.remove()
     use_device = device.type == "cuda"
 
-    def named(name: str, within: str | None = None) -> list[FunctionEvent]:
-        return _outermost(events, lambda e: e.name == name
+    def named(names: str | tuple[str, ...], within: str | None = None) -> list[FunctionEvent]:
+        names = (names,) if isinstance(names, str) else names
+        return _outermost(events, lambda e: e.name in names
                           and (within is None or _inside(e, within)))
 
-    roi_align = _times_ms(named(ROI_ALIGN_OP, within="roi_heads"))
+    roi_align = _times_ms(named(ROI_ALIGN_OPS, within="roi_heads"))
     heads = _times_ms(named(HEADS_SCOPE, within="roi_heads"))
     roi_heads = _times_ms(named("roi_heads"))
     rows = [
@@ -172,7 +175,7 @@ def breakdown(step: Callable[[], object], model: MaskRCNN, device: torch.device,
          "RoI heads"),
         ("backward", _times_ms(_outermost(
             events, lambda e: e.name.startswith(BACKWARD_PREFIX))), None),
-        ("ROIAlign backward", _times_ms(named(ROI_ALIGN_BACKWARD_OP)), "backward"),
+        ("ROIAlign backward", _times_ms(named(ROI_ALIGN_BACKWARD_OPS)), "backward"),
         ("optimizer (SGD step, zero_grad)", _times_ms(_outermost(
             events, lambda e: e.name.startswith(OPTIMIZER_PREFIX))), None),
     ]

@@ -187,8 +187,10 @@ def unmatched_settings(config: Config, device: torch.device) -> list[str]:
     if m.backbone.weights_path:
         notes.append("Ours loads the ImageNet backbone weights; torchvision's stays random "
                      "(weights do not change the cost).")
-    if run.channels_last or run.compile:
-        notes.append("run.channels_last and run.compile apply to ours only.")
+    ours_only = [f"run.{name}" for name in ("channels_last", "compile", "cuda_graph")
+                 if getattr(run, name) and (name != "cuda_graph" or device.type == "cuda")]
+    if ours_only:
+        notes.append(f"{' and '.join(ours_only)} apply to ours only.")
     return notes
 
 

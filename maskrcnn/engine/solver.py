@@ -167,8 +167,10 @@ class SGD(torch.optim.SGD):
             raise ValueError("SGD keeps its gradients: zero_grad(set_to_none=False) only")
         grads = [p.grad for group in self.param_groups for p in group["params"]
                  if p.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)
+        # The name torch's zero_grad profiles under (the benchmark's breakdown finds it).
+        with torch.autograd.profiler.record_function("Optimizer.zero_grad#SGD.zero_grad"):
+            if grads:
+                torch._foreach_zero_(grads)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

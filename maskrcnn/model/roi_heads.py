@@ -186,7 +186,8 @@ class RoIHeads(nn.Module):
         class_agnostic_boxes, class_agnostic_masks: one box regression / one mask per RoI
             instead of one per class.
         trim_slots: skip padded slots where host reads are free (model/trim.py);
-            nms_method: how the detection NMS runs (ops/nms.py).
+            nms_method: how the detection NMS runs (ops/nms.py); roi_align_method: how
+            ROIAlign runs (ops/roi_align.py).
         keys, normalizers: as RPN's.
     """
 
@@ -198,10 +199,12 @@ class RoIHeads(nn.Module):
                  aligned: bool = True, box_head_convs: int = 0, head_group_norm: bool = False,
                  class_agnostic_boxes: bool = False, class_agnostic_masks: bool = False,
                  trim_slots: bool = False, nms_method: str = "auto",
+                 roi_align_method: str = "gather",
                  keys: Keys = uniform_keys, normalizers: Normalizers = local_counts):
         super().__init__()
         self.trim_slots = trim_slots
         self.nms_method = nms_method
+        self.roi_align_method = roi_align_method
         self.strides = list(strides)
         self.num_classes = num_classes
         self.box_head = BoxHead(channels, pooler_resolution, box_head_dim, num_classes,
@@ -227,7 +230,7 @@ class RoIHeads(nn.Module):
         """rois float[X, 5] (image index, x1, y1, x2, y2) -> pooled float[X, C, S, S] from
         their FPN levels."""
         return multilevel_roi_align(features[:len(self.strides)], rois, resolution,
-                                    self.strides, 2, self.aligned)
+                                    self.strides, 2, self.aligned, self.roi_align_method)
 
     def sample_rois(self, proposals: torch.Tensor, proposals_valid: torch.Tensor,
                     gt_boxes: torch.Tensor, gt_classes: torch.Tensor,
