@@ -3,17 +3,20 @@
 #   1. installs the carried wheels (.whl/: pycocotools, tensorboardX if the image lacks it, and
 #      protobuf if the image's is too old);
 #   2. tools/gpu_check.py: our ops and model on the GPU against the CPU (NMS and proposals with
-#      the Triton kernel, the static PyTorch loop and torchvision's shifted call), and one
-#      training step and one inference forward under torch.cuda.set_sync_debug_mode("error");
+#      the Triton kernel, the static PyTorch loop and torchvision's shifted call; the Triton
+#      ROIAlign against the gather op and torchvision), one training step and one inference
+#      forward under torch.cuda.set_sync_debug_mode("error"), and 8 steps replayed as a CUDA
+#      graph against the same steps run eagerly; JSON in $OUT/gpu_check.json;
 #   3. maskrcnn-benchmark of the COCO recipe (config 8x4: R50-FPN, 800x1344 canvas, BF16,
-#      channels_last) at M = 8, 4, 2 images, against torchvision in the same process (M = 8
-#      with the per-stage breakdown and the op micro-benchmarks: proposals per NMS method
-#      against torchvision's filter_proposals, ROIAlign);
-#   4. the same at M = 8 with run.compile (ours only), if time is left;
-#   5. the CPU test suite under the machine's Python and torch, if time is left.
-# Logs and JSON reports go to $OUT (default runs/gpu). Every stage has its own time limit, so
-# that one hang cannot eat the lease. A CPU dry run: DEVICE=cpu BENCH_SET='...' STEPS=1;
-# STAGES='m8 m4' runs those stages only.
+#      channels_last, Triton NMS and ROIAlign), against torchvision in the same process:
+#      m8 and m12 (8 and 12 images) with the step replayed as a CUDA graph (the config's
+#      default; m8 with the per-stage breakdown and the op micro-benchmarks), m8_eager and
+#      m12_eager without the graph, m8_compile and m12_compile compiled and graphed;
+#      m8_gather: m8 with the gather ROIAlign, to see what the Triton kernel gives;
+#   4. the CPU test suite under the machine's Python and torch, if time is left.
+# Stages run in the order below while time is left. Logs and JSON reports go to $OUT (default
+# runs/gpu). Every stage has its own time limit, so that one hang cannot eat the lease. A CPU
+# dry run: DEVICE=cpu BENCH_SET='...' STEPS=1; STAGES='m8 m12' runs those stages only.
 set -u
 OUT=${OUT:-runs/gpu}
 DEVICE=${DEVICE:-cuda}
@@ -40,11 +43,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import sys, torch, torchvision, google.protobuf as p; print('python', sys.version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'protobuf', p.__version__)"
 git log -1 --format='commit %H' 2>/dev/null
 
-STAGES=${STAGES:-check m8 m4 m2 m8_compile tests}  # a subset reruns some
+STAGES=${STAGES:-check m8 m8_eager m12 m8_compile m12_eager m12_compile m8_gather tests}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 if has check; then
   log "gpu_check"
-  timeout 150 python3 tools/gpu_check.py --device="$DEVICE" 2>&1 | tee "$OUT/gpu_check.log"
+  timeout 150 python3 tools/gpu_check.py --device="$DEVICE" --json_out="$OUT/gpu_check.json" \
+    2>&1 | tee "$OUT/gpu_check.log"
 fi
 
 bench() {  # bench NAME LIMIT_S SET [FLAGS...]
@@ -58,10 +62,14 @@ bench() {  # bench NAME LIMIT_S SET [FLAGS...]
     ${BENCH_SET:+--set="$BENCH_SET"} --device="$DEVICE" --steps="$STEPS" --warmup="$WARMUP" --json_out="$OUT/$name.json" "$@" \
     2>&1 | grep -v Warning | tee "$OUT/$name.log"
 }
-bench m8 170 "run { images_per_gpu: 8 }" --baseline=torchvision
-bench m4 90 "run { images_per_gpu: 4 }" --baseline=torchvision --nobreakdown --noops
-bench m2 80 "run { images_per_gpu: 2 }" --baseline=torchvision --nobreakdown --noops
-bench m8_compile 150 "run { images_per_gpu: 8 compile: true }" --noops
+tv=--baseline=torchvision
+bench m8 150 "run { images_per_gpu: 8 }" $tv
+bench m8_eager 70 "run { images_per_gpu: 8 cuda_graph: false }" $tv --nobreakdown --noops
+bench m12 80 "run { images_per_gpu: 12 }" $tv --nobreakdown --noops
+bench m8_compile 150 "run { images_per_gpu: 8 compile: true }" --nobreakdown --noops
+bench m12_eager 80 "run { images_per_gpu: 12 cuda_graph: false }" $tv --nobreakdown --noops
+bench m12_compile 150 "run { images_per_gpu: 12 compile: true }" --nobreakdown --noops
+bench m8_gather 70 "run { images_per_gpu: 8 }" --roi_align=gather --nobreakdown --noops
 
 if has tests && [ "$(left)" -gt 40 ]; then
   log "test suite (limit $(left) s)"

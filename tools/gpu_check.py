@@ -9,8 +9,10 @@ against the gather op at the recipe's sizes in BF16 and FP32 (forward and backwa
 against torchvision's MultiScaleRoIAlign; CUDA only), mask pasting, the whole
 model's five training losses and gradients (deterministic sampling keys, FP32 with TF32 off)
 and its detections in eval mode; a few training steps of the trainer's own TrainStep in BF16
-and FP16 (losses must be finite); then one training step and one inference forward of the 8x4
-model under torch.cuda.set_sync_debug_mode("error") (no host synchronisation). Prints one
+and FP16 (losses must be finite); one training step and one inference forward of the 8x4
+model under torch.cuda.set_sync_debug_mode("error") (no host synchronisation); then 8 steps
+of the 8x4 model replayed as a CUDA graph against the same steps run eagerly (losses,
+weights, LR). Prints one
 line per check and exits 1 if any fails; --json_out also writes every check and the measured
 times as JSON. CI never has a GPU: with --device=cpu it compares the CPU with itself, which
 exercises the script only.
@@ -246,7 +248,7 @@ def check_no_host_sync(device: torch.device) -> None:
     if device.type != "cuda":
         _report("no host synchronisation", True, "not checked: needs CUDA")
         return
-    config = load_config("8x4", ["run { images_per_gpu: 2 }"])
+    config = load_config("8x4", ["run { images_per_gpu: 2 cuda_graph: false }"])
     trainer = bench_step(config, device)
     batch = synthetic_batch(config).to(device)
     trainer(batch)  # warm-up: cuDNN autotuning and lazy initialisation
@@ -332,6 +334,49 @@ def check_training(device: torch.device) -> None:
                 "losses of step 3: " + " ".join(f"{x:.4f}" for x in losses[-1].tolist()))
 
 
+def check_cuda_graph(device: torch.device, steps: int = 8) -> None:
+    """The 8x4 recipe's step (2 images, BF16) replayed as a CUDA graph against the same step
+    run eagerly, from the same weights, with the same sampling keys (the generator seeded
+    alike before each step): 3 eager warm-up steps, the capture, then replays. BF16 bound:
+    the two run the same kernels, but atomic adds (ROIAlign's backward) sum in another order,
+    and 8 steps of SGD carry those differences into the weights."""
+    if device.type != "cuda":
+        _report("CUDA graph against eager", True, "not checked: needs CUDA")
+        return
+    sides = {}
+    for graphed in (False, True):
+        flag = str(graphed).lower()
+        config = load_config("8x4", [f"run {{ images_per_gpu: 2 cuda_graph: {flag} }}"])
+        sides[graphed] = bench_step(config, device)
+    batch = synthetic_batch(config).to(device)
+    losses = {False: [], True: []}
+    seconds = {False: [], True: []}
+    for step in range(steps):
+        for graphed, trainer in sides.items():
+            torch.manual_seed(step)
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            losses[graphed].append(trainer(batch))
+            torch.cuda.synchronize(device)
+            seconds[graphed].append(time.perf_counter() - start)
+    replays = steps - sides[True].graphed.warmup_steps
+    _report("CUDA graph: captured once", len(sides[True].graphed.graphs) == 1,
+            f"{len(sides[True].graphed.graphs)} graph(s), {replays} replayed steps")
+    _close(f"CUDA graph: losses of {steps} steps against eager", torch.stack(losses[True]),
+           torch.stack(losses[False]), rtol=BF16_RTOL)
+    params = [torch.cat([p.detach().flatten().float() for p in sides[g].parameters])
+              for g in (True, False)]
+    _close(f"CUDA graph: weights after {steps} steps against eager", *params, rtol=1e-3)
+    _close(f"CUDA graph: LR after {steps} steps", sides[True].lr.value(),
+           sides[False].lr.value(), rtol=0)
+    for graphed, name in ((False, "eager"), (True, "graphed")):
+        results["times_ms"][f"8x4 step, 2 images, {name}"] = 1e3 * statistics.median(
+            seconds[graphed][-replays:])
+    print(f"     step ms (median of the last {replays}): eager "
+          f"{results['times_ms']['8x4 step, 2 images, eager']:.1f}, graphed "
+          f"{results['times_ms']['8x4 step, 2 images, graphed']:.1f}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -347,14 +392,16 @@ def main() -> int:
         print(f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}")
     start = time.perf_counter()
     g = torch.Generator().manual_seed(int(time.time()))  # fresh inputs every run
-    check_roi_align(device, g)
-    check_roi_align_triton(device, g)
-    check_proposals(device, g)
-    check_nms(device, g)
-    check_paste_masks(device, g)
-    check_model(device)
-    check_training(device)
-    check_no_host_sync(device)
+    for check, args in ((check_roi_align, (device, g)), (check_roi_align_triton, (device, g)),
+                        (check_proposals, (device, g)), (check_nms, (device, g)),
+                        (check_paste_masks, (device, g)), (check_model, (device,)),
+                        (check_training, (device,)), (check_no_host_sync, (device,)),
+                        (check_cuda_graph, (device,))):
+        try:
+            check(*args)
+        except Exception as error:  # noqa: BLE001 (one failed check must not hide the others)
+            _report(check.__name__, False, f"raised {type(error).__name__}: "
+                    + (str(error).splitlines() or [""])[0])
     print(f"{len(failures)} failed ({time.perf_counter() - start:.1f} s)"
           + (": " + ", ".join(failures) if failures else ""))
     if args.json_out:
