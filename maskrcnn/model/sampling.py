@@ -3,6 +3,12 @@
 Shape legend: N images, K candidates per image (anchors or RoI candidates), G ground-truth
 slots, S samples per image.
 
+Matching has two ways to compute the same result (`method` of `match`, MATCH_METHODS), neither
+of which stores the whole float[N, G, K] IoU matrix:
+- "tiled" (the default): PyTorch ops on tiles of candidates, on every device.
+- "triton": the Triton kernels of ops/match_triton.py (CUDA; on a CPU only interpreted), one
+  pass over the ground truth per block of candidates, memory O(N x K).
+
 Sampling draws random keys instead of calling `nonzero`: positives keep the top
 (S x positive_fraction) keys among positives, then one top-k over
 key = 2 + u (kept positive), 1 + u (negative), -1 (neither) picks S candidates, positives
@@ -20,6 +26,8 @@ FOREGROUND, BACKGROUND, IGNORE = 1, 0, -1
 # Candidates matched at once (see `match`): 2 images x 100 ground-truth slots x 16384 anchors
 # is a 13 MB float32 IoU tile; the 800x1344 canvas has 268,569 anchors, 17 tiles.
 MATCH_TILE = 16384
+# The ways to compute `match`; see the module docstring.
+MATCH_METHODS = ("tiled", "triton")
 
 Keys = Callable[[torch.Tensor], torch.Tensor]  # labels int[N, K] -> float[N, K] in [0, 1)
 # Loss normalisers from the counts they divide by: float[C] -> float[C]. One process:
@@ -57,7 +65,7 @@ def local_counts(counts: torch.Tensor) -> torch.Tensor:
 
 def match(candidates: torch.Tensor, candidates_valid: torch.Tensor, gt_boxes: torch.Tensor,
           gt_valid: torch.Tensor, fg_iou: float, bg_iou: float, allow_low_quality: bool,
-          tile: int = MATCH_TILE) -> tuple[torch.Tensor, torch.Tensor]:
+          tile: int = MATCH_TILE, method: str = "tiled") -> tuple[torch.Tensor, torch.Tensor]:
     """Assigns each candidate its best ground truth and a label.
 
     Args:
@@ -67,7 +75,8 @@ def match(candidates: torch.Tensor, candidates_valid: torch.Tensor, gt_boxes: to
         fg_iou, bg_iou: IoU >= fg_iou is FOREGROUND, < bg_iou BACKGROUND, between IGNORE.
         allow_low_quality: also make FOREGROUND every candidate whose IoU with some ground
             truth equals that ground truth's best IoU (> 0), so each object gets a candidate.
-        tile: candidates whose IoUs with the ground truth are computed at once.
+        tile: candidates whose IoUs with the ground truth are computed at once ("tiled").
+        method: one of MATCH_METHODS (see the module docstring).
 
     Returns:
         matched int64[N, K] in 0..G-1 (0 where no valid ground truth), labels int64[N, K].
@@ -78,8 +87,11 @@ def match(candidates: torch.Tensor, candidates_valid: torch.Tensor, gt_boxes: to
     allow_low_quality a second pass recomputes each tile's IoUs (unless there is only one) to
     find the candidates at those bests. Peak memory is O(N x K + N x G x tile); a static loop
     over the tiles, no host read. Each IoU is computed exactly as `match_reference` computes
-    it, so the results are the same (tests).
+    it, so the results are the same (tests). "triton" computes the same IoUs in the kernels
+    (ops/match_triton.py) and the labels from them with the same code.
     """
+    if method not in MATCH_METHODS:
+        raise ValueError(f"unknown matching method {method!r}; expected one of {MATCH_METHODS}")
     n, k = gt_boxes.shape[0], candidates.shape[-2]
     if candidates.dim() == 2:
         candidates = candidates.unsqueeze(0).expand(n, -1, -1)
@@ -87,6 +99,14 @@ def match(candidates: torch.Tensor, candidates_valid: torch.Tensor, gt_boxes: to
     if k == 0:
         empty = torch.zeros(n, 0, dtype=torch.int64, device=gt_boxes.device)
         return empty, empty.clone()
+    if method == "triton":
+        from maskrcnn.ops.match_triton import match_triton  # noqa: PLC0415 (needs Triton)
+        # Detached: the outputs carry no gradient (the op has no autograd formula).
+        best, matched, at_gt_best = match_triton(
+            candidates.detach().float(), candidates_valid, gt_boxes.detach().float(), gt_valid,
+            allow_low_quality)
+        return matched, _labels(best, at_gt_best if allow_low_quality else None,
+                                candidates_valid, fg_iou, bg_iou)
     gt = gt_boxes.float()
     gt_ok = gt_valid.unsqueeze(-1)  # (N, G, 1)
 
@@ -111,9 +131,7 @@ def match(candidates: torch.Tensor, candidates_valid: torch.Tensor, gt_boxes: to
             best_per_gt = tile_max if best_per_gt is None else torch.maximum(best_per_gt,
                                                                              tile_max)
     best, matched = torch.cat(best, dim=1), torch.cat(matched, dim=1)  # (N, K)
-    labels = torch.full_like(matched, IGNORE)
-    labels = torch.where(best < bg_iou, BACKGROUND, labels)
-    labels = torch.where(best >= fg_iou, FOREGROUND, labels)
+    at_gt_best = None
     if allow_low_quality:
         target = best_per_gt.unsqueeze(-1)  # (N, G, 1)
         wanted = (target > 0) & gt_ok
@@ -121,9 +139,20 @@ def match(candidates: torch.Tensor, candidates_valid: torch.Tensor, gt_boxes: to
         for start in range(0, k, tile):
             usable = valid_only(iou if one_tile else tile_iou(start), start)
             is_best.append(((usable == target) & wanted).any(dim=1))  # (N, T)
-        labels = torch.where(torch.cat(is_best, dim=1), FOREGROUND, labels)
-    labels = torch.where(candidates_valid, labels, IGNORE)
-    return matched, labels
+        at_gt_best = torch.cat(is_best, dim=1)
+    return matched, _labels(best, at_gt_best, candidates_valid, fg_iou, bg_iou)
+
+
+def _labels(best: torch.Tensor, at_gt_best: torch.Tensor | None,
+            candidates_valid: torch.Tensor, fg_iou: float, bg_iou: float) -> torch.Tensor:
+    """`match`'s labels from each candidate's best IoU float[N, K] and, with
+    allow_low_quality, whether it is at some ground truth's best bool[N, K] (else None)."""
+    labels = torch.full(best.shape, IGNORE, dtype=torch.int64, device=best.device)
+    labels = torch.where(best < bg_iou, BACKGROUND, labels)
+    labels = torch.where(best >= fg_iou, FOREGROUND, labels)
+    if at_gt_best is not None:
+        labels = torch.where(at_gt_best, FOREGROUND, labels)
+    return torch.where(candidates_valid, labels, IGNORE)
 
 
 def match_reference(candidates: torch.Tensor, candidates_valid: torch.Tensor,
