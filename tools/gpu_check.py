@@ -6,7 +6,9 @@ fresh random inputs: ROIAlign forward and backward, proposal generation (NMS inc
 NMS (every GPU method: the Triton kernel, the static PyTorch loop, torchvision's shifted call;
 against the CPU's per-cell torchvision NMS, up to the recipe's sizes), the Triton ROIAlign
 against the gather op at the recipe's sizes in BF16 and FP32 (forward and backward, timed
-against torchvision's MultiScaleRoIAlign; CUDA only), mask pasting, the whole
+against torchvision's MultiScaleRoIAlign; CUDA only), anchor matching by the Triton kernels
+against the tiled PyTorch path at the recipe's sizes (timed, with peak memory; CUDA only),
+mask pasting, the whole
 model's five training losses and gradients (deterministic sampling keys, FP32 with TF32 off)
 and its detections in eval mode; a few training steps of the trainer's own TrainStep in BF16
 and FP16 (losses must be finite); one training step and one inference forward of the 8x4
@@ -34,6 +36,7 @@ from maskrcnn.bench.synthetic import synthetic_batch
 from maskrcnn.config import load_config
 from maskrcnn.model.anchors import AnchorCache
 from maskrcnn.model.maskrcnn import build_model
+from maskrcnn.model.sampling import FOREGROUND, match
 from maskrcnn.ops.boxes import box_iou
 from maskrcnn.ops.nms import batched_nms_fixed
 from maskrcnn.ops.paste_masks import paste_masks
@@ -48,9 +51,15 @@ STRIDES = [4, 8, 16, 32]
 # Relative error bound of a BF16 result against FP32 on the same BF16 values: one rounding.
 BF16_RTOL = 1e-2
 
+# Anchors (of 8 x 268,569) whose label or matched slot may differ between the Triton matching
+# and the tiled path. 0 expected: the kernels compute box_iou's float32 operations without FMA
+# contraction and with IEEE division, so the IoUs are the same; should a compiler still change
+# a last bit, only an anchor whose IoU is at a threshold or a tie could move, a handful.
+MATCH_DIFF_BOUND = 10
+
 failures: list[str] = []
 # What --json_out writes: every check's outcome, and the times measured (ms).
-results: dict = {"checks": [], "times_ms": {}}
+results: dict = {"checks": [], "times_ms": {}, "peak_mib": {}}
 
 
 def _report(name: str, ok: bool, detail: str) -> None:
@@ -191,6 +200,66 @@ def _time_roi_align(key: str, base: list[torch.Tensor], rois: torch.Tensor,
     print(f"     ROIAlign forward+backward {key}: " + ", ".join(
         f"{method} {ms:.2f} ms" for method, ms in times.items())
         + f" (torchvision / triton {times['torchvision'] / times['triton']:.2f}x)", flush=True)
+
+
+def check_match_triton(device: torch.device, g: torch.Generator) -> None:
+    """Anchor matching by the Triton kernels (compiled) against the tiled PyTorch path at the
+    recipe's sizes: 8 images, 100 ground-truth slots (5 to 15 used per image), the 268,569
+    anchors of an 800x1344 canvas with the 8x4 config's anchors; the RPN's rule (0.7, 0.3, low
+    quality matches) and the RoI heads' (0.5, 0.5). Matched slots and labels must agree up to
+    MATCH_DIFF_BOUND anchors; the kernels' best IoUs are counted against box_iou's, bit for
+    bit. Then both paths timed, with the peak memory each allocates (results["peak_mib"])."""
+    if device.type != "cuda":
+        _report("match (triton)", True, "not checked: needs CUDA")
+        return
+    from maskrcnn.ops.match_triton import match_triton  # noqa: PLC0415 (needs Triton)
+    n, slots, (h, w) = 8, 100, (800, 1344)
+    a = load_config("8x4").model.anchors
+    anchors = torch.cat(AnchorCache([(h, w)], list(a.sizes), list(a.aspect_ratios),
+                                    list(a.strides))((h, w))).to(device)  # (A, 4)
+    anchor_valid = torch.ones(anchors.shape[0], dtype=torch.bool, device=device)
+    xy = torch.rand(n, slots, 2, generator=g) * torch.tensor([w - 200, h - 200])
+    gt_boxes = torch.cat([xy, xy + 16 + torch.rand(n, slots, 2, generator=g) * 180], -1)
+    used = torch.randint(5, 16, (n, 1), generator=g)
+    gt_valid = (torch.arange(slots)[None, :] < used).to(device)
+    gt_boxes = gt_boxes.to(device)
+    what = (f"{n} images, {slots} slots each ({int(used.sum())} used in all), "
+            f"{anchors.shape[0]} anchors")
+    best, _, _ = match_triton(anchors, anchor_valid, gt_boxes, gt_valid, False)
+    ref = torch.stack([torch.where(gt_valid[i, :, None], box_iou(gt_boxes[i], anchors), -1.0)
+                       .amax(dim=0) for i in range(n)])  # (N, A), one image's IoUs at a time
+    off = int((best != ref).sum())
+    _report("match (triton): best IoUs bitwise equal to box_iou's", off <= MATCH_DIFF_BOUND,
+            f"{off} of {best.numel()} differ (bound {MATCH_DIFF_BOUND}, 0 expected); {what}")
+    del best, ref
+    for fg_iou, bg_iou, low_quality in ((0.7, 0.3, True), (0.5, 0.5, False)):
+        args = (anchors, anchor_valid, gt_boxes, gt_valid, fg_iou, bg_iou, low_quality)
+        rule = f"({fg_iou}, {bg_iou}{', low quality' if low_quality else ''})"
+        (ours_matched, ours_labels), (matched, labels) = (match(*args, method=method)
+                                                          for method in ("triton", "tiled"))
+        off = int(((ours_matched != matched) | (ours_labels != labels)).sum())
+        _report(f"match (triton) {rule}: same matched slots and labels", off <= MATCH_DIFF_BOUND,
+                f"{off} anchors differ (bound {MATCH_DIFF_BOUND}, 0 expected), "
+                f"{int((ours_labels != labels).sum())} in their label; "
+                f"{int((labels == FOREGROUND).sum())} foreground")
+        del ours_matched, ours_labels, matched, labels
+    # The RPN's rule (two passes over the ground truth), timed.
+    args = (anchors, anchor_valid, gt_boxes, gt_valid, 0.7, 0.3, True)
+    times, peaks = {}, {}
+    for method in ("triton", "tiled"):
+        times[method] = _median_ms(lambda method=method: match(*args, method=method), device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = match(*args, method=method)
+        torch.cuda.synchronize(device)
+        peaks[method] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        del out
+    key = f"match {n}x{slots}x{anchors.shape[0]} (0.7, 0.3, low quality)"
+    results["times_ms"][key] = times
+    results["peak_mib"][key] = peaks
+    print(f"     {key}: " + ", ".join(f"{m} {times[m]:.2f} ms (peak {peaks[m]:.0f} MiB)"
+                                      for m in times), flush=True)
 
 
 def _gpu_methods(device: torch.device) -> list[str]:
@@ -392,13 +461,14 @@ def main() -> int:
         print(f"device: {torch.cuda.get_device_name(device)}; torch {torch.__version__}")
     start = time.perf_counter()
     g = torch.Generator().manual_seed(int(time.time()))  # fresh inputs every run
-    for check, args in ((check_roi_align, (device, g)), (check_roi_align_triton, (device, g)),
-                        (check_proposals, (device, g)), (check_nms, (device, g)),
-                        (check_paste_masks, (device, g)), (check_model, (device,)),
-                        (check_training, (device,)), (check_no_host_sync, (device,)),
-                        (check_cuda_graph, (device,))):
+    checks = ((check_roi_align, (device, g)), (check_roi_align_triton, (device, g)),
+              (check_match_triton, (device, g)), (check_proposals, (device, g)),
+              (check_nms, (device, g)), (check_paste_masks, (device, g)),
+              (check_model, (device,)), (check_training, (device,)),
+              (check_no_host_sync, (device,)), (check_cuda_graph, (device,)))
+    for check, check_args in checks:  # not `args`: the command line's, read below
         try:
-            check(*args)
+            check(*check_args)
         except Exception as error:  # noqa: BLE001 (one failed check must not hide the others)
             _report(check.__name__, False, f"raised {type(error).__name__}: "
                     + (str(error).splitlines() or [""])[0])
