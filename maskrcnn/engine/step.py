@@ -131,8 +131,11 @@ class TrainStep:
     def step_function(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The whole step on the model's inputs (see model_inputs): forward, backward,
         clipping, SGD update, LR step. Returns the losses float32[5]."""
+        # No autocast weight cache in a graphed step (PyTorch's CUDA-graph notes ask for it
+        # off: cached casts are tensors that outlive the ops that made them).
         with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None):
+                            enabled=self.autocast_dtype is not None,
+                            cache_enabled=self.graphed is None):
             losses = self.forward(*inputs)
         stacked = torch.stack([losses[k].float() for k in LOSS_KEYS])
         scaler = self._loss_scaler

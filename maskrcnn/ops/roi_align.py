@@ -145,8 +145,9 @@ def _bilinear_taps(rois: torch.Tensor, levels: torch.Tensor, batch_size: int,
     return index.reshape(r * p * p, k), weight.reshape(r * p * p, k)
 
 
-def _check_args(features: list[torch.Tensor], spatial_scales: list[float],
-                sampling_ratio: int) -> None:
+def check_args(features: list[torch.Tensor], spatial_scales: list[float],
+               sampling_ratio: int) -> None:
+    """Raises ValueError for arguments no ROIAlign method takes."""
     if sampling_ratio <= 0:
         raise ValueError(f"sampling_ratio must be > 0 (no adaptive mode), got {sampling_ratio}")
     if len(features) != len(spatial_scales) or not features:
@@ -169,7 +170,7 @@ def roi_align_levels(features: list[torch.Tensor], rois: torch.Tensor, levels: t
     Returns:
         float[R, C, P, P] in the features' dtype.
     """
-    _check_args(features, spatial_scales, sampling_ratio)
+    check_args(features, spatial_scales, sampling_ratio)
     n, c = features[0].shape[:2]
     r, p = rois.shape[0], output_size
     # (N, C, H_l, W_l) per level -> (T + 1, C) channels-last rows, the last one zero.
@@ -185,7 +186,7 @@ def roi_align_levels(features: list[torch.Tensor], rois: torch.Tensor, levels: t
 
 @roi_align_levels.register_fake
 def _(features, rois, levels, output_size, spatial_scales, sampling_ratio, aligned):
-    _check_args(features, spatial_scales, sampling_ratio)
+    check_args(features, spatial_scales, sampling_ratio)
     return features[0].new_empty(rois.shape[0], features[0].shape[1], output_size, output_size)
 
 

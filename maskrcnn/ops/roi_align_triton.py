@@ -44,6 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
+from maskrcnn.ops.roi_align import check_args as check_gather_args
+
 # Channels per program: the next power of two of C, at most this (a 256-channel FPN level takes
 # two channel blocks; a tap's 128 channels in channels-last are 256 or 512 contiguous bytes).
 MAX_BLOCK_C = 128
@@ -114,15 +116,22 @@ def _bilinear_taps(rois_ptr, levels_ptr, roi, bins, scales, heights, widths,
 
 
 @triton.jit
+def _program_block(P: tl.constexpr, BINS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's RoI, its bins (a block of the RoI's P*P) and its channel block."""
+    chunks: tl.constexpr = (P * P + BINS - 1) // BINS  # programs per RoI and channel block
+    roi = tl.program_id(0).to(tl.int64) // chunks
+    bins = (tl.program_id(0) % chunks) * BINS + tl.arange(0, BINS).to(tl.int64)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return roi, bins, channels
+
+
+@triton.jit
 def _roi_align_forward_kernel(out_ptr, rois_ptr, levels_ptr, features, heights, widths,
                               strides_n, strides_c, strides_y, strides_x, scales, C,
                               NUM_LEVELS: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
                               ALIGNED: tl.constexpr, BINS: tl.constexpr, TAPS: tl.constexpr,
                               BLOCK_C: tl.constexpr):
-    chunks: tl.constexpr = (P * P + BINS - 1) // BINS  # programs per RoI and channel block
-    roi = tl.program_id(0).to(tl.int64) // chunks
-    bins = (tl.program_id(0) % chunks) * BINS + tl.arange(0, BINS).to(tl.int64)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    roi, bins, channels = _program_block(P, BINS, BLOCK_C)
     level, batch, tap_y, tap_x, weight, read = _bilinear_taps(
         rois_ptr, levels_ptr, roi, bins, scales, heights, widths, NUM_LEVELS, P, S, ALIGNED,
         TAPS)
@@ -151,10 +160,7 @@ def _roi_align_backward_kernel(grad_ptr, grad_stride_r, grad_stride_c, grad_stri
                                scales, C, NUM_LEVELS: tl.constexpr, P: tl.constexpr,
                                S: tl.constexpr, ALIGNED: tl.constexpr, BINS: tl.constexpr,
                                TAPS: tl.constexpr, BLOCK_C: tl.constexpr):
-    chunks: tl.constexpr = (P * P + BINS - 1) // BINS  # programs per RoI and channel block
-    roi = tl.program_id(0).to(tl.int64) // chunks
-    bins = (tl.program_id(0) % chunks) * BINS + tl.arange(0, BINS).to(tl.int64)
-    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    roi, bins, channels = _program_block(P, BINS, BLOCK_C)
     level, batch, tap_y, tap_x, weight, read = _bilinear_taps(
         rois_ptr, levels_ptr, roi, bins, scales, heights, widths, NUM_LEVELS, P, S, ALIGNED,
         TAPS)
@@ -178,10 +184,8 @@ def _roi_align_backward_kernel(grad_ptr, grad_stride_r, grad_stride_c, grad_stri
 
 def _check_args(features: list[torch.Tensor], spatial_scales: list[float],
                 sampling_ratio: int) -> None:
-    if sampling_ratio <= 0:
-        raise ValueError(f"sampling_ratio must be > 0 (no adaptive mode), got {sampling_ratio}")
-    if len(features) != len(spatial_scales) or not features:
-        raise ValueError(f"{len(features)} feature levels but {len(spatial_scales)} scales")
+    """The gather op's checks, and those the kernels add (one dtype and device)."""
+    check_gather_args(features, spatial_scales, sampling_ratio)
     first = features[0]
     if any(f.shape[:2] != first.shape[:2] or (f.dtype, f.device) != (first.dtype, first.device)
            for f in features[1:]):
