@@ -50,6 +50,7 @@ from maskrcnn.config.flags import FLAGS, config_from_flags
 from maskrcnn.data.batch import Batch
 from maskrcnn.engine.step import TrainStep
 from maskrcnn.engine.trainer import resolve_device
+from maskrcnn.model.sampling import MATCH_METHODS
 from maskrcnn.ops.nms import METHODS as NMS_METHODS
 from maskrcnn.ops.roi_align import ROI_ALIGN_METHODS
 from maskrcnn.runtime import Runtime
@@ -70,6 +71,8 @@ flags.DEFINE_bool("baseline_cudnn_benchmark", False, "cuDNN autotuning for torch
 flags.DEFINE_string("nms", "auto", "Our NMS method (ops/nms.py: triton, torch, per_cell, "
                     "shifted); auto = the device's default.")
 flags.DEFINE_string("roi_align", "auto", "Our ROIAlign method (ops/roi_align.py: gather, "
+                    "triton); auto = the device's default.")
+flags.DEFINE_string("match", "auto", "Our RPN anchor matching (model/sampling.py: tiled, "
                     "triton); auto = the device's default.")
 flags.DEFINE_bool("breakdown", True, "Profile where our training step's time goes.")
 flags.DEFINE_bool("ops", True, "Op micro-benchmarks (proposals, ROIAlign) against torchvision.")
@@ -100,6 +103,9 @@ def _check_flags() -> torch.device:
     if FLAGS.roi_align not in ("auto", *ROI_ALIGN_METHODS):
         raise ConfigError(f"--roi_align={FLAGS.roi_align}: must be auto or one of "
                           f"{', '.join(ROI_ALIGN_METHODS)}")
+    if FLAGS.match not in ("auto", *MATCH_METHODS):
+        raise ConfigError(f"--match={FLAGS.match}: must be auto or one of "
+                          f"{', '.join(MATCH_METHODS)}")
     if FLAGS.peak_tflops < 0:
         raise ConfigError(f"--peak_tflops={FLAGS.peak_tflops:g}: must be positive (or 0)")
     if not FLAGS.loader_workers or not all(w.isdigit() and int(w) > 0
@@ -178,8 +184,8 @@ def set_up_ours(config: Config, batch: Batch,
     last = {}
     with PeakMemory(device) as memory:
         runtime = Runtime.for_device(device)
-        runtime = runtime.replace(**{name: getattr(FLAGS, name) for name in ("nms", "roi_align")
-                                     if getattr(FLAGS, name) != "auto"})
+        chosen = {name: getattr(FLAGS, name) for name in ("nms", "roi_align", "match")}
+        runtime = runtime.replace(**{k: v for k, v in chosen.items() if v != "auto"})
         trainer = bench_step(config, device, runtime)
 
         def train():
@@ -294,7 +300,8 @@ def run_benchmark(config: Config, device: torch.device) -> dict:
         "peak": {"tflops": peak, "source": peak_source},
     }
     ours, trainer = set_up_ours(config, batch, device)
-    report["setup"].update(nms=trainer.runtime.nms, roi_align=trainer.runtime.roi_align)
+    report["setup"].update(nms=trainer.runtime.nms, roi_align=trainer.runtime.roi_align,
+                           match=trainer.runtime.match)
     sides = [ours]
     if FLAGS.baseline == "torchvision":
         sides.append(set_up_torchvision(config, batch, device))
@@ -348,7 +355,7 @@ def format_report(report: dict) -> str:
         f"({setup['gt_slots']} slots), precision {setup['precision']}; {setup['warmup']} "
         f"warm-up then {setup['steps']} timed steps per measurement",
         f"our step: {'compiled' if setup['compile'] else 'eager'}, NMS {setup['nms']}, "
-        f"ROIAlign {setup['roi_align']}"
+        f"ROIAlign {setup['roi_align']}, anchor matching {setup['match']}"
         + (", replayed as one CUDA graph (after its warm-up and capture)"
            if setup["cuda_graph"] else ""),
         f"MFU: FLOPs as run (torch.utils.flop_counter: convolutions and matrix products, "

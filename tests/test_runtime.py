@@ -23,12 +23,16 @@ def test_choices_per_device():
     gpu = Runtime.for_device("cuda", rank=3, world_size=8)
     assert not gpu.trim_slots and gpu.nms in ("triton", "torch")
     assert cpu.roi_align == "gather" and gpu.roi_align in ("triton", "gather")
+    assert cpu.match == "tiled" and gpu.match == ("triton" if gpu.roi_align == "triton"
+                                                  else "tiled")
     assert (gpu.rank, gpu.world_size) == (3, 8)
     assert Runtime.gpu_path() == Runtime(trim_slots=False, nms="torch")
     with pytest.raises(ValueError, match="unknown NMS method 'fast'"):
         Runtime(trim_slots=False, nms="fast")
     with pytest.raises(ValueError, match="unknown ROIAlign method 'cuda'"):
         Runtime(trim_slots=False, nms="torch", roi_align="cuda")
+    with pytest.raises(ValueError, match="unknown matching method 'dense'"):
+        Runtime(trim_slots=False, nms="torch", match="dense")
 
 
 def test_builders_take_every_choice_from_the_runtime():
@@ -47,6 +51,8 @@ def test_builders_take_every_choice_from_the_runtime():
     assert one.roi_heads.roi_align_method == ranked.roi_heads.roi_align_method == "gather"
     assert build_model(config, Runtime.gpu_path(roi_align="triton")).roi_heads \
         .roi_align_method == "triton"
+    assert one.rpn.match_method == "tiled"
+    assert build_model(config, Runtime.gpu_path(match="triton")).rpn.match_method == "triton"
     for stage in (ranked.rpn, ranked.roi_heads):
         assert stage.normalizers is distributed.global_counts
         labels = torch.zeros(2, 5, dtype=torch.int64)
@@ -68,17 +74,19 @@ class _OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_triton_roi_align_model_trains_as_the_gather_model():
-    """If this fails, the model built with the Triton ROIAlign (a GPU's default) computes other
-    losses or gradients than with the gather op: the kernel, or its wiring into the RoI heads
-    (box and mask pooling, the levels, the channels-last features), is wrong. Run under
-    TRITON_INTERPRET=1 at the tiny config's sizes."""
+def test_triton_roi_align_and_match_model_trains_as_the_pytorch_model():
+    """If this fails, the model built with the Triton ROIAlign and anchor matching (a GPU's
+    defaults) computes other losses or gradients than with the gather op and the tiled
+    matching: a kernel, or its wiring into the RoI heads (box and mask pooling, the levels,
+    the channels-last features) or the RPN, is wrong. Run under TRITON_INTERPRET=1 at the
+    tiny config's sizes."""
     config = load_config("shapes", [*TINY, "run { channels_last: true }"])
     batch = synthetic_batch(config, seed=1)
     results = []
     for method in ("gather", "triton"):
         torch.manual_seed(0)
-        model = build_model(config, Runtime.gpu_path(roi_align=method))
+        model = build_model(config, Runtime.gpu_path(
+            roi_align=method, match="triton" if method == "triton" else "tiled"))
         model = model.to(memory_format=torch.channels_last).train()
         torch.manual_seed(1)
         with _OpNames() as ops:
@@ -86,6 +94,7 @@ def test_triton_roi_align_model_trains_as_the_gather_model():
             sum(losses.values()).backward()
         pooled = "maskrcnn.multilevel_roi_align" + ("_triton" if method == "triton" else "")
         assert {f"{pooled}.default", f"{pooled}_backward.default"} <= ops.names, method
+        assert ("maskrcnn.match_triton.default" in ops.names) == (method == "triton")
         results.append((losses, {n: p.grad for n, p in model.named_parameters()
                                  if p.grad is not None}))
     (gather, gather_grads), (triton, triton_grads) = results

@@ -8,11 +8,12 @@
 #      forward under torch.cuda.set_sync_debug_mode("error"), and 8 steps replayed as a CUDA
 #      graph against the same steps run eagerly; JSON in $OUT/gpu_check.json;
 #   3. maskrcnn-benchmark of the COCO recipe (config 8x4: R50-FPN, 800x1344 canvas, BF16,
-#      channels_last, Triton NMS and ROIAlign), against torchvision in the same process:
+#      channels_last, Triton NMS, ROIAlign and matching), against torchvision in one process:
 #      m8 and m12 (8 and 12 images) with the step replayed as a CUDA graph (the config's
 #      default; m8 with the per-stage breakdown and the op micro-benchmarks), m8_eager and
 #      m12_eager without the graph, m8_compile and m12_compile compiled and graphed;
-#      m8_gather: m8 with the gather ROIAlign, to see what the Triton kernel gives;
+#      m8_gather: m8 with the gather ROIAlign and the tiled matching (PyTorch ops), to see
+#      what the Triton kernels give;
 #   4. the CPU test suite under the machine's Python and torch, if time is left.
 # Stages run in the order below while time is left. Logs and JSON reports go to $OUT (default
 # runs/gpu). Every stage has its own time limit, so that one hang cannot eat the lease. A CPU
@@ -69,7 +70,8 @@ bench m12 80 "run { images_per_gpu: 12 }" $tv --nobreakdown --noops
 bench m8_compile 150 "run { images_per_gpu: 8 compile: true }" --nobreakdown --noops
 bench m12_eager 80 "run { images_per_gpu: 12 cuda_graph: false }" $tv --nobreakdown --noops
 bench m12_compile 150 "run { images_per_gpu: 12 compile: true }" --nobreakdown --noops
-bench m8_gather 70 "run { images_per_gpu: 8 }" --roi_align=gather --nobreakdown --noops
+bench m8_gather 70 "run { images_per_gpu: 8 }" --roi_align=gather --match=tiled --nobreakdown \
+  --noops
 
 if has tests && [ "$(left)" -gt 40 ]; then
   log "test suite (limit $(left) s)"

@@ -80,6 +80,7 @@ class RPN(nn.Module):
         pre_nms_topk, post_nms_topk: (train, test) pairs: per level before NMS, per image after.
         nms_threshold: IoU of proposal NMS; min_box_size: smaller proposals are dropped.
         nms_method: how the NMS runs (ops/nms.py), "auto" for the device's default.
+        match_method: how anchors are matched to ground truth (model/sampling.py: match).
         keys: random sampling keys (model/sampling.py); normalizers: the loss normalisers
             from the counts (local, or summed over the ranks in data-parallel training).
     """
@@ -88,9 +89,11 @@ class RPN(nn.Module):
                  positive_fraction: float, fg_iou_threshold: float, bg_iou_threshold: float,
                  pre_nms_topk: tuple[int, int], post_nms_topk: tuple[int, int],
                  nms_threshold: float, min_box_size: float, nms_method: str = "auto",
+                 match_method: str = "tiled",
                  keys: Keys = uniform_keys, normalizers: Normalizers = local_counts):
         super().__init__()
         self.nms_method = nms_method
+        self.match_method = match_method
         self.head = RPNHead(channels, anchors_per_location)
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
@@ -133,7 +136,7 @@ class RPN(nn.Module):
                                   device=all_anchors.device)
         matched, labels = match(all_anchors, anchor_valid, gt_boxes, gt_valid,
                                 self.fg_iou_threshold, self.bg_iou_threshold,
-                                allow_low_quality=True)
+                                allow_low_quality=True, method=self.match_method)
         index, is_fg, valid = sample(labels, self.batch_size_per_image, self.positive_fraction,
                                      self.keys)
         # Gather the S sampled anchors of each image: (N, A, ...) -> (N, S, ...).
