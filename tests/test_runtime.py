@@ -80,7 +80,10 @@ def test_triton_roi_align_and_match_model_trains_as_the_pytorch_model():
     matching: a kernel, or its wiring into the RoI heads (box and mask pooling, the levels,
     the channels-last features) or the RPN, is wrong. Run under TRITON_INTERPRET=1 at the
     tiny config's sizes."""
-    config = load_config("shapes", [*TINY, "run { channels_last: true }"])
+    # Fewer RoIs and mask slots than TINY's: the interpreter runs every program in Python.
+    config = load_config("shapes", [*TINY, "run { channels_last: true images_per_gpu: 1 } "
+                                    "model { roi_heads { batch_size_per_image: 16 "
+                                    "max_fg_masks_per_image: 4 } }"])
     batch = synthetic_batch(config, seed=1)
     results = []
     for method in ("gather", "triton"):

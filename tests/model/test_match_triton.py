@@ -4,9 +4,6 @@ ties, images without ground truth, degenerate boxes, partial and many blocks; th
 torch.library registration, torch.compile tracing and compiling the kernels for a GPU. Sizes
 are small: the interpreter runs one program at a time."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +17,7 @@ from maskrcnn.model.sampling import (
 )
 from maskrcnn.ops.boxes import box_iou
 from maskrcnn.ops.match_triton import match_triton
-from tests.tiny import REPO
+from tests.triton_compile import compile_for_gpu
 
 # (fg_iou, bg_iou, allow_low_quality): the RPN's rule and the RoI heads' rule.
 RULES = [(0.7, 0.3, True), (0.5, 0.5, False)]
@@ -204,45 +201,8 @@ def test_match_triton_compiles_without_graph_breaks():
         assert torch.equal(ours, eager)
 
 
-# Compiles the kernels, as a CUDA launch from the op would, for an sm_90 GPU without one (the
-# helper of tests/ops/test_roi_align_triton.py: the binder and _pack_args are the steps of
-# triton's JITFunction.run before it compiles), and prints per kernel the PTX's fused
-# multiply-adds and correctly rounded float32 divisions. Run without TRITON_INTERPRET.
-COMPILE_FOR_GPU = """
-import re
-
-import torch
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile, make_backend
-from triton.runtime.jit import create_function_from_signature
-
-import maskrcnn.ops.match_triton as ops
-
-TARGET = GPUTarget("cuda", 90, 32)
-
-
-class Compiler:
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def compile_for_target(*args, **kwargs):
-            fn, backend = self.kernel, make_backend(TARGET)
-            binder = create_function_from_signature(fn.signature, fn.params, backend)
-            bound, specialization, options = binder(*args, debug=False, **kwargs)
-            options, signature, constexprs, attrs = fn._pack_args(
-                backend, {"debug": False, **kwargs}, bound, specialization, options)
-            compiled = compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
-                               options=options.__dict__)
-            ptx = compiled.asm["ptx"]
-            print(fn.__name__, len(compiled.asm["cubin"]),
-                  "fma", len(re.findall(r"\\bfma\\.", ptx)),
-                  "div.rn", len(re.findall(r"\\bdiv\\.rn\\.f32", ptx)))
-        return compile_for_target
-
-
-ops._best_match_kernel = Compiler(ops._best_match_kernel)
-ops._at_gt_best_kernel = Compiler(ops._at_gt_best_kernel)
+# The launches that compile_for_gpu intercepts: the RPN's sizes.
+GPU_LAUNCHES = """
 anchors = torch.zeros(268569, 4)
 ops.match_triton(anchors, torch.ones(268569, dtype=torch.bool), torch.zeros(8, 100, 4),
                  torch.ones(8, 100, dtype=torch.bool), True)
@@ -253,13 +213,9 @@ def test_match_triton_kernels_compile_for_a_gpu():
     """If this fails, a kernel that the interpreter runs does not compile for a GPU (sm_90, the
     RPN's 8 images x 100 slots x 268,569 anchors), so it would fail on the first CUDA step, or
     its PTX fuses a multiply and an add (FMA) or divides approximately, so its IoUs could
-    differ from torch's in the last bit. (If it fails in the compile helper itself, a Triton
-    upgrade moved the launch internals it uses.)"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line.split() for line in result.stdout.splitlines()]
-    assert [line[0] for line in lines] == ["_best_match_kernel", "_at_gt_best_kernel"]
-    for line in lines:
-        assert line[3] == "0" and int(line[5]) > 0, line
+    differ from torch's in the last bit."""
+    compiled = compile_for_gpu("maskrcnn.ops.match_triton",
+                               ["_best_match_kernel", "_at_gt_best_kernel"], GPU_LAUNCHES)
+    assert [name for name, *_ in compiled] == ["_best_match_kernel", "_at_gt_best_kernel"]
+    for name, _, fma, div_rn in compiled:
+        assert fma == 0 and div_rn > 0, name

@@ -75,9 +75,11 @@ def test_roi_align_matches_reference_float64(aligned, sampling_ratio):
     torch.testing.assert_close(ours, expected, atol=1e-12, rtol=1e-12)
 
 
-def test_roi_align_hand_cases():
+@pytest.mark.parametrize("method", ["gather", "triton"])
+def test_roi_align_hand_cases(method):
     """If this fails, the half-pixel offset, the >= 1 px RoI size of aligned=False or the
-    clamping at the far edge is wrong (values worked out by hand on f[y, x] = 10 y + x)."""
+    clamping at the far edge is wrong in that method (values worked out by hand on
+    f[y, x] = 10 y + x; the Triton kernel interpreted)."""
     features = (10 * torch.arange(4.0)[:, None] + torch.arange(5.0)).expand(1, 1, 4, 5)
     rois = torch.tensor([
         [0, 0.0, 0.0, 2.0, 2.0],  # aligned: sample (0.5, 0.5) -> 5.5; not: (1, 1) -> 11
@@ -85,9 +87,9 @@ def test_roi_align_hand_cases():
         [0, 4.0, 3.0, 6.2, 5.2],  # not aligned: x = 5.1 > W -> 0
         [0, 1.0, 1.0, 1.0, 1.0],  # not aligned: a point grows to 1 px: sample (1.5, 1.5)
     ])
-    aligned = roi_align(features, rois[:1], 1, 1.0, 1, True).flatten()
+    aligned = roi_align(features, rois[:1], 1, 1.0, 1, True, method=method).flatten()
     torch.testing.assert_close(aligned, torch.tensor([5.5]))
-    not_aligned = roi_align(features, rois, 1, 1.0, 1, False).flatten()
+    not_aligned = roi_align(features, rois, 1, 1.0, 1, False, method=method).flatten()
     torch.testing.assert_close(not_aligned, torch.tensor([11.0, 34.0, 0.0, 16.5]))
 
 

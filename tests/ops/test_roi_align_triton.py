@@ -3,9 +3,6 @@ reference and the "gather" op: forward and gradients, edge cases, low precision,
 torch.library registration and torch.compile tracing. Sizes are small: the interpreter runs one
 program at a time."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,7 +26,7 @@ from tests.ops.test_roi_align import (
     _pyramid,
     _random_rois,
 )
-from tests.tiny import REPO
+from tests.triton_compile import compile_for_gpu
 
 # EDGE_ROIS (a 13 x 17 map at scale 0.5) and two inverted boxes (x2 < x1, y2 < y1).
 EDGE_AND_INVERTED_ROIS = EDGE_ROIS + [[0, 20.0, 16.0, 10.0, 6.0], [1, 8.0, 3.0, 2.0, 20.0]]
@@ -78,23 +75,6 @@ def test_roi_align_triton_edge_cases_match_reference_float64(aligned):
     ours_grad, = _grads(ours, [features], grad)
     reference_grad, = _grads(reference, [reference_features], grad.double())
     torch.testing.assert_close(ours_grad.double(), reference_grad, atol=1e-5, rtol=1e-5)
-
-
-def test_roi_align_triton_hand_cases():
-    """If this fails, the half-pixel offset, the >= 1 px RoI size of aligned=False or the
-    clamping at the far edge is wrong in the kernel (values worked out by hand on
-    f[y, x] = 10 y + x, as test_roi_align_hand_cases for the gather op)."""
-    features = (10 * torch.arange(4.0)[:, None] + torch.arange(5.0)).expand(1, 1, 4, 5)
-    rois = torch.tensor([
-        [0, 0.0, 0.0, 2.0, 2.0],  # aligned: sample (0.5, 0.5) -> 5.5; not: (1, 1) -> 11
-        [0, 4.0, 3.0, 6.0, 5.0],  # not aligned: sample (y, x) = (4, 5) on the edge -> f(3, 4)
-        [0, 4.0, 3.0, 6.2, 5.2],  # not aligned: x = 5.1 > W -> 0
-        [0, 1.0, 1.0, 1.0, 1.0],  # not aligned: a point grows to 1 px: sample (1.5, 1.5)
-    ])
-    aligned = roi_align(features, rois[:1], 1, 1.0, 1, True, method="triton").flatten()
-    torch.testing.assert_close(aligned, torch.tensor([5.5]))
-    not_aligned = roi_align(features, rois, 1, 1.0, 1, False, method="triton").flatten()
-    torch.testing.assert_close(not_aligned, torch.tensor([11.0, 34.0, 0.0, 16.5]))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -222,39 +202,8 @@ def test_roi_align_triton_compiles_without_graph_breaks():
     torch.testing.assert_close(compiled_grads, eager_grads)
 
 
-# Compiles the kernels, as a CUDA launch from the ops would, for an sm_90 GPU without one: the
-# ops' launches are intercepted and handed to triton.compile (the binder and _pack_args are
-# the steps of triton's JITFunction.run before it compiles). Run without TRITON_INTERPRET.
-COMPILE_FOR_GPU = """
-import torch
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile, make_backend
-from triton.runtime.jit import create_function_from_signature
-
-import maskrcnn.ops.roi_align_triton as ops
-
-TARGET = GPUTarget("cuda", 90, 32)
-
-
-class Compiler:
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def compile_for_target(*args, **kwargs):
-            fn, backend = self.kernel, make_backend(TARGET)
-            binder = create_function_from_signature(fn.signature, fn.params, backend)
-            bound, specialization, options = binder(*args, debug=False, **kwargs)
-            options, signature, constexprs, attrs = fn._pack_args(
-                backend, {"debug": False, **kwargs}, bound, specialization, options)
-            compiled = compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET,
-                               options=options.__dict__)
-            print(fn.__name__, len(compiled.asm["cubin"]), "bytes of cubin")
-        return compile_for_target
-
-
-ops._roi_align_forward_kernel = Compiler(ops._roi_align_forward_kernel)
-ops._roi_align_backward_kernel = Compiler(ops._roi_align_backward_kernel)
+# The launches that compile_for_gpu intercepts: the box head's case.
+GPU_LAUNCHES = """
 features = [torch.zeros(2, 256, 64 // s, 96 // s, dtype=torch.bfloat16).to(
     memory_format=torch.channels_last) for s in (4, 8, 16, 32)]
 rois = torch.zeros(3, 5)
@@ -269,11 +218,9 @@ ops.roi_align_levels_triton_backward(torch.zeros(3, 256, 7, 7, dtype=torch.bfloa
 def test_roi_align_triton_kernels_compile_for_a_gpu():
     """If this fails, a kernel that the interpreter runs does not compile for a GPU (sm_90,
     bfloat16, 256 channels, 4 levels, 7x7: the box head's case), so it would fail on the first
-    CUDA step; CI has no GPU, and the interpreter accepts code the compiler rejects. (If it
-    fails in the compile helper itself, a Triton upgrade moved the launch internals it uses.)"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [line.split()[0] for line in result.stdout.splitlines()] == [
+    CUDA step; CI has no GPU, and the interpreter accepts code the compiler rejects."""
+    compiled = compile_for_gpu("maskrcnn.ops.roi_align_triton",
+                               ["_roi_align_forward_kernel", "_roi_align_backward_kernel"],
+                               GPU_LAUNCHES)
+    assert [name for name, *_ in compiled] == [
         "_roi_align_forward_kernel", "_roi_align_backward_kernel"]
