@@ -16,7 +16,6 @@ Tests run the GPU's code path on the CPU by building with `Runtime.gpu_path()`.
 """
 
 import dataclasses
-import importlib.util
 
 import torch
 
@@ -65,8 +64,9 @@ class Runtime:
                    world_size: int = 1) -> "Runtime":
         """The fastest choices on `device`, for process `rank` of `world_size`."""
         device = torch.device(device)
-        triton = device.type == "cuda" and importlib.util.find_spec("triton") is not None
-        return cls(trim_slots=device.type == "cpu", nms=default_method(device),
+        nms = default_method(device)
+        triton = nms == "triton"  # a GPU with Triton installed
+        return cls(trim_slots=device.type == "cpu", nms=nms,
                    roi_align="triton" if triton else "gather",
                    match="triton" if triton else "tiled", rank=rank, world_size=world_size)
 

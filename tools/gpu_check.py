@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
+from maskrcnn.bench.measure import time_rounds
 from maskrcnn.bench.step import bench_step
 from maskrcnn.bench.synthetic import synthetic_batch
 from maskrcnn.config import load_config
@@ -112,14 +113,7 @@ def check_roi_align(device: torch.device, g: torch.Generator) -> None:
 def _median_ms(fn, device: torch.device, runs: int = 5) -> float:
     """Median time of fn() over `runs` runs after one warm-up, each from a synchronised device."""
     fn()
-    times = []
-    for _ in range(runs):
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return statistics.median(time_rounds([fn], device, runs)[0]) * 1e3
 
 
 def check_roi_align_triton(device: torch.device, g: torch.Generator) -> None:

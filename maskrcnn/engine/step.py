@@ -14,7 +14,7 @@ reference. fp16's loss scaler reads its overflow flag on the host each step: fp1
 
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -114,7 +114,7 @@ class TrainStep:
             # DDPOptimizer). Buffers (frozen BN, anchors) never change: not broadcast per step.
             # A DDP whose backward is captured must be built on a side stream (PyTorch's notes).
             with distributed.collective("DDP setup (broadcast of rank 0's parameters)"), \
-                    warnings.catch_warnings(), side_stream(device if graphed else _CPU):
+                    warnings.catch_warnings(), side_stream(device) if graphed else nullcontext():
                 # torch 2.13 renamed broadcast_buffers (forward_sync_buffers), which the GPU
                 # image's torch 2.11 lacks; both mean what is asked here.
                 warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated")
@@ -180,6 +180,3 @@ class TrainStep:
             yield
         finally:
             self.forward, self.graphed = compiled, graphed
-
-
-_CPU = torch.device("cpu")
