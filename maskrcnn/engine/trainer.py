@@ -202,7 +202,7 @@ class Trainer:
     """Everything one training process holds. Rank 0 logs, writes events and checkpoints."""
 
     def __init__(self, config: Config, device: torch.device, *, rank: int = 0,
-                 world_size: int = 1, log=None):
+                 world_size: int = 1, log=None, runtime: Runtime | None = None):
         self.device = device
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
@@ -227,7 +227,8 @@ class Trainer:
         workers_ignore_stop_signals(self.loader)
         self.schedule = make_schedule(config, len(dataset), self.sampler.steps_per_epoch)
 
-        self.runtime = Runtime.for_device(device, rank, world_size)
+        self.runtime = (runtime if runtime is not None
+                        else Runtime.for_device(device, rank, world_size))
         self.train_step = TrainStep(config, device, self.schedule, self.runtime)
         self.step = 0
 
