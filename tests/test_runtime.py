@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from maskrcnn.bench.synthetic import synthetic_batch
-from maskrcnn.config import load_config
+from maskrcnn.config import ConfigError, config_pb2, load_config
 from maskrcnn.engine import distributed
 from maskrcnn.engine.step import model_inputs
 from maskrcnn.model.maskrcnn import build_model
@@ -107,3 +107,45 @@ def test_triton_roi_align_and_match_model_trains_as_the_pytorch_model():
     for name in gather_grads:
         torch.testing.assert_close(triton_grads[name], gather_grads[name], rtol=1e-4,
                                    atol=1e-5, msg=name)
+
+
+def _kernels(**choices):
+    kernels = config_pb2.KernelsConfig()
+    for op, name in choices.items():
+        setattr(kernels, op, config_pb2.Kernel.Value(name))
+    return kernels
+
+
+@pytest.mark.parametrize("op, torch_on_gpu", [("nms", "torch"), ("roi_align", "gather"),
+                                               ("match", "tiled")])
+def test_each_kernel_switch_chooses_the_pytorch_path_or_the_kernel(op, torch_on_gpu,
+                                                                   monkeypatch):
+    """If this fails, run.kernels.<op> is not honoured: TORCH must give that op (alone) its
+    PyTorch path on a GPU, TRITON the kernel, AUTO the device's fastest; and TRITON where
+    Triton cannot run must stop with one line naming the field, not fail at the first step."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # a CPU machine: Triton "runs" on any device
+    auto = Runtime.for_device("cuda", kernels=_kernels())
+    assert getattr(auto, op) == "triton"
+    chosen = Runtime.for_device("cuda", kernels=_kernels(**{op: "TORCH"}))
+    assert getattr(chosen, op) == torch_on_gpu == chosen.torch_method(op)
+    assert all(getattr(chosen, other) == "triton" for other in ("nms", "roi_align", "match")
+               if other != op)
+    assert getattr(Runtime.for_device("cpu", kernels=_kernels(**{op: "TRITON"})), op) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert getattr(Runtime.for_device("cpu", kernels=_kernels()), op) != "triton"
+    with pytest.raises(ConfigError, match=rf"run.kernels.{op}: TRITON needs a CUDA GPU with "
+                       "Triton installed; this run is on cpu"):
+        Runtime.for_device("cpu", kernels=_kernels(**{op: "TRITON"}))
+
+
+def test_cuda_graph_switch_and_the_line_that_says_what_runs():
+    """If this fails, run.cuda_graph is ignored on a GPU or turned on on a CPU (where there is
+    no graph), or the run's first line no longer says what each op runs."""
+    config = load_config("8x4")
+    assert config.run.cuda_graph
+    assert Runtime.for_config(config, "cuda").cuda_graph
+    assert not Runtime.for_config(config, "cpu").cuda_graph
+    config.run.cuda_graph = False
+    assert not Runtime.for_config(config, "cuda").cuda_graph
+    assert Runtime.for_config(config, "cpu").describe() == (
+        "nms per_cell, roi_align gather, match tiled, cuda graph off")

@@ -23,6 +23,14 @@ same time and nothing they allocate outlives a replay except the loss output, wh
 copied at once: inputs, parameters, gradients and optimizer state are allocated outside
 the pool.
 
+A capture that fails (an op that cannot be recorded, a driver that refuses) must not end the
+run: the replayer prints one line with the error's first line, drops every graph, and runs
+the step eagerly from then on, the failed capture's batch included (a capture runs no kernel,
+so nothing of that batch was applied). With several processes the ranks agree after each
+capture (`agree`: a collective at a step where all of them capture the same canvas, since
+they step in lockstep on one canvas): if it failed on any, all run eagerly, so that every
+rank computes the same thing.
+
 `capture` and `stream` are parameters so that tests can drive the bookkeeping on a CPU,
 where no CUDA graph exists (tests/engine/test_graph.py).
 """
@@ -99,17 +107,25 @@ class GraphedStep:
         device: where the step runs (for the side stream of the eager warm-up).
         warmup_steps: eager calls of each signature before it is captured.
         capture: records a function (CudaCapture; tests pass a recorder).
+        log: prints the one line of a failed capture.
+        agree: given whether this process's capture failed, whether any process's did (the
+            identity with one process; a collective with several).
 
     Attributes:
-        eager_steps: per signature, the eager calls made; graphs: per signature, its graph.
+        eager_steps: per signature, the eager calls made; graphs: per signature, its graph;
+        failed: the reason the step runs eagerly for good (a failed capture), or None.
     """
 
     def __init__(self, function: StepFunction, device: torch.device,
-                 warmup_steps: int = WARMUP_STEPS, capture: Callable | None = None):
+                 warmup_steps: int = WARMUP_STEPS, capture: Callable | None = None,
+                 log: Callable[[str], None] = print,
+                 agree: Callable[[bool], bool] = lambda failed: failed):
         self.function, self.device, self.warmup_steps = function, device, warmup_steps
         self.capture = capture or CudaCapture()
+        self.log, self.agree = log, agree
         self.eager_steps: dict[tuple, int] = {}
         self.graphs: dict[tuple, _Graph] = {}
+        self.failed: str | None = None
 
     @staticmethod
     def signature(inputs: tuple[torch.Tensor, ...]) -> tuple:
@@ -117,6 +133,8 @@ class GraphedStep:
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The step's output on these inputs (a fresh tensor, not the graph's buffer)."""
+        if self.failed is not None:
+            return self.function(*inputs)
         key = self.signature(inputs)
         graph = self.graphs.get(key)
         if graph is None:
@@ -125,12 +143,30 @@ class GraphedStep:
                 self.eager_steps[key] = done + 1
                 with side_stream(self.device):
                     return self.function(*inputs)
-            # Buffers allocated here, outside the graph's pool, hold this batch already.
-            static = tuple(t.clone(memory_format=torch.preserve_format) for t in inputs)
-            replay, output = self.capture(self.function, static)
-            graph = self.graphs[key] = _Graph(static, replay, output)
+            graph = self._capture(key, inputs)
+            if graph is None:
+                return self.function(*inputs)
         else:
             for buffer, t in zip(graph.inputs, inputs, strict=True):
                 buffer.copy_(t, non_blocking=True)
         graph.replay()
         return graph.output.clone()
+
+    def _capture(self, key: tuple, inputs: tuple[torch.Tensor, ...]) -> _Graph | None:
+        """The graph of this signature, captured on a copy of `inputs`; None when the capture
+        failed here or on another process (then the step is eager from now on)."""
+        # Buffers allocated here, outside the graph's pool, hold this batch already.
+        static = tuple(t.clone(memory_format=torch.preserve_format) for t in inputs)
+        error = None
+        try:
+            replay, output = self.capture(self.function, static)
+        except Exception as failed:  # any failure of the capture; the step then runs eagerly
+            error = (str(failed).strip().splitlines() or [type(failed).__name__])[0]
+        if not self.agree(error is not None):
+            self.graphs[key] = _Graph(static, replay, output)
+            return self.graphs[key]
+        self.failed = error or "the capture failed on another process"
+        self.graphs.clear()
+        self.log(f"warning: CUDA graph capture failed ({self.failed}); the training step runs "
+                 "eagerly for the rest of this run (run.cuda_graph: false skips the capture)")
+        return None

@@ -76,9 +76,11 @@ class TrainStep:
             cuda_graph).
         device: where the step runs; the batch must already be there (see `to_device`).
         schedule: the LR schedule (engine/solver.py: make_schedule).
-        runtime: the device's choices and the process's rank and world size (default: the
-            device's, one process). With world_size > 1 the model is wrapped in
-            DistributedDataParallel (a process group must exist).
+        runtime: the device's choices (each op's method, the CUDA graph) and the process's
+            rank and world size (default: the config's on the device, one process). With
+            world_size > 1 the model is wrapped in DistributedDataParallel (a process group
+            must exist).
+        log: prints the line of a CUDA-graph capture that failed (the step then runs eager).
 
     Attributes:
         model: the MaskRCNN; forward: what the step calls (the model, or its DDP and
@@ -87,9 +89,9 @@ class TrainStep:
     """
 
     def __init__(self, config: Config, device: torch.device, schedule: Schedule,
-                 runtime: Runtime | None = None):
+                 runtime: Runtime | None = None, log: Callable[[str], None] = print):
         self.config, self.device, self.schedule = config, device, schedule
-        self.runtime = runtime = runtime or Runtime.for_device(device)
+        self.runtime = runtime = runtime or Runtime.for_config(config, device)
         self.model = build_model(config, runtime).to(device)
         if config.run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -105,7 +107,7 @@ class TrainStep:
         # What the step scales its loss with: the scaler for fp16 only (Dynamo does not trace
         # GradScaler, not even a disabled one).
         self._loss_scaler = self.scaler if self.scaler.is_enabled() else None
-        graphed = config.run.cuda_graph and device.type == "cuda"
+        graphed = runtime.cuda_graph
         self.forward = self.model
         if runtime.world_size > 1:
             # Every trainable parameter gets a gradient in every step, also without ground
@@ -124,9 +126,17 @@ class TrainStep:
         if config.run.compile:  # after DDP, so that DDPOptimizer splits at its buckets
             self.forward = compile_step(self.forward)
         self.graphed = (GraphedStep(self.step_function, device, WARMUP_STEPS_DDP
-                                    if runtime.world_size > 1 else WARMUP_STEPS)
+                                    if runtime.world_size > 1 else WARMUP_STEPS, log=log,
+                                    agree=self._any_rank_failed)
                         if graphed else None)
         self._copy_stream = None  # created on the first GPU batch (to_device)
+
+    def _any_rank_failed(self, failed: bool) -> bool:
+        """Whether a CUDA-graph capture failed on any rank (one all_reduce per capture)."""
+        flag = torch.tensor([int(failed)], device=self.device)
+        distributed.all_reduce_(flag, torch.distributed.ReduceOp.MAX,
+                                "all_reduce of the CUDA-graph capture's outcome")
+        return bool(flag.item())  # a host read once per captured canvas, outside any graph
 
     def step_function(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The whole step on the model's inputs (see model_inputs): forward, backward,

@@ -85,3 +85,60 @@ def test_graphed_train_step_trains_as_the_eager_step():
     for a, b in zip(eager.model.parameters(), graphed.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert int(graphed.lr.step) == 5
+
+
+class FailingCapture:
+    """A capture that raises as a driver would, after "recording" part of the step: like a
+    real capture, it runs none of the step's kernels."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, function, inputs):
+        self.calls += 1
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\n"
+                           "CUDA kernel errors might be asynchronously reported")
+
+
+def test_a_failed_capture_prints_one_line_and_the_step_runs_eagerly_on_every_batch():
+    """If this fails, a capture that raises ends the run with a traceback, loses the batch it
+    was captured on (a capture trains nothing), tries to capture again every step, or the
+    ranks do not agree (one rank failing must make all of them run eagerly)."""
+    seen, lines, agreed = [], [], []
+
+    def step(images):
+        seen.append(float(images.sum()))
+        return images.sum().reshape(1)
+
+    capture = FailingCapture()
+
+    def agree(failed):
+        agreed.append(failed)
+        return failed
+
+    graphed = GraphedStep(step, torch.device("cpu"), warmup_steps=1, capture=capture,
+                          log=lines.append, agree=agree)
+    outputs = [graphed(torch.full((2,), float(i))) for i in range(4)]
+    assert seen == [0.0, 2.0, 4.0, 6.0]  # every batch once, the failed capture's included
+    assert [float(o) for o in outputs] == seen
+    assert capture.calls == 1 and agreed == [True] and graphed.graphs == {}
+    assert len(lines) == 1 and "operation not permitted" in lines[0] \
+        and "eagerly" in lines[0] and "\n" not in lines[0]
+
+
+def test_a_capture_that_failed_on_another_rank_drops_this_ranks_graph():
+    """If this fails, a rank whose own capture worked replays its graph while another rank,
+    whose capture failed, runs eagerly: the ranks would no longer compute the same thing."""
+    seen, lines = [], []
+
+    def step(images):
+        seen.append(float(images.sum()))
+        return images.sum().reshape(1)
+
+    recorder = Recorder(1)
+    graphed = GraphedStep(step, torch.device("cpu"), warmup_steps=1, capture=recorder,
+                          log=lines.append, agree=lambda failed: True)
+    for i in range(3):
+        graphed(torch.full((2,), float(i)))
+    assert seen == [0.0, 2.0, 4.0] and graphed.graphs == {} and len(recorder.captures) == 1
+    assert graphed.failed == "the capture failed on another process" and len(lines) == 1
