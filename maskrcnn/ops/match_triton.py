@@ -28,6 +28,11 @@ torch does). So the interpreter (numpy, on the CPU tests) and, in principle, the
 kernels give torch's IoUs bit for bit, hence the same matches (tools/gpu_check.py counts any
 difference on a GPU).
 
+G is a compile-time constant (one compiled kernel per slot count; the recipe has one, 100):
+the loop over the slots then has a Python int bound in the interpreter, where Triton 3.6 cannot
+use a tensor as a `range` bound under numpy >= 2.4 (it converts a 1-element array with int(),
+which numpy 2.4 rejects).
+
 No host synchronisation: the grid depends on shapes only. On a CPU the kernels run only under
 TRITON_INTERPRET=1 (tests).
 """
@@ -73,7 +78,8 @@ def _load_block(cand_ptr, cand_stride, valid_ptr, valid_stride, image, offs, ins
 
 @triton.jit
 def _best_match_kernel(cand_ptr, cand_stride, valid_ptr, valid_stride, gt_ptr, gt_valid_ptr,
-                       best_ptr, matched_ptr, block_best_ptr, K, G, BLOCK: tl.constexpr):
+                       best_ptr, matched_ptr, block_best_ptr, K, G: tl.constexpr,
+                       BLOCK: tl.constexpr):
     image = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     offs = block * BLOCK + tl.arange(0, BLOCK)
@@ -99,7 +105,8 @@ def _best_match_kernel(cand_ptr, cand_stride, valid_ptr, valid_stride, gt_ptr, g
 
 @triton.jit
 def _at_gt_best_kernel(cand_ptr, cand_stride, valid_ptr, valid_stride, gt_ptr, gt_valid_ptr,
-                       best_per_gt_ptr, at_best_ptr, K, G, BLOCK: tl.constexpr):
+                       best_per_gt_ptr, at_best_ptr, K, G: tl.constexpr,
+                       BLOCK: tl.constexpr):
     image = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < K
@@ -180,11 +187,11 @@ def match_triton(candidates: torch.Tensor, candidates_valid: torch.Tensor,
     block_best = candidates.new_empty(n, grid[1], g)  # (N, B, G)
     # enable_fp_fusion=False: no FMA contraction, so the IoUs round as torch's (docstring).
     _best_match_kernel[grid](boxes, box_stride, valid, valid_stride, gt, gt_ok, best, matched,
-                             block_best, k, g, BLOCK=block, enable_fp_fusion=False)
+                             block_best, k, G=g, BLOCK=block, enable_fp_fusion=False)
     if allow_low_quality:
         best_per_gt = block_best.amax(dim=1)  # (N, B, G) -> (N, G)
         _at_gt_best_kernel[grid](boxes, box_stride, valid, valid_stride, gt, gt_ok, best_per_gt,
-                                 at_gt_best, k, g, BLOCK=block, enable_fp_fusion=False)
+                                 at_gt_best, k, G=g, BLOCK=block, enable_fp_fusion=False)
     return best, matched, at_gt_best
 
 

@@ -10,6 +10,16 @@ kept box's stores are made visible to the program's next scalar read by a barrie
 keeping after `max_out` boxes and only visits the row's valid candidates (their count is read
 by the kernel, not by the host).
 
+IoUs round as the "torch" method's (ops/nms.py), the reference that tools/gpu_check.py compares
+the kernel with exactly: the kernel is launched with enable_fp_fusion=False (no multiply and add
+fused into an FMA; also ptxas --fmad=false) and divides with tl.div_rn (IEEE rounding, not
+Triton's default approximate div.full.f32), as ops/match_triton.py does. An IoU at the
+threshold is then above it on both or on neither.
+
+The loops are `while` loops: their bounds are data (the row's count), and Triton 3.6's
+interpreter cannot use a tensor as a `range` bound under numpy >= 2.4 (it converts a 1-element
+array with int(), which numpy 2.4 rejects); a `while` condition only needs bool(), which works.
+
 Cost: sequential in K per row (greedy NMS is inherently sequential), O(kept x K) IoUs; the
 B rows run in parallel. On the CPU the kernel runs under TRITON_INTERPRET=1 (tests).
 """
@@ -30,7 +40,8 @@ def _greedy_nms_kernel(x1_ptr, y1_ptr, x2_ptr, y2_ptr, group_ptr, count_ptr, rem
     base = row * k
     count = tl.load(count_ptr + row)  # valid candidates of this row, the first ones
     kept = 0
-    for i in range(0, count):
+    i = 0
+    while i < count:
         removed = tl.load(removed_ptr + base + i, volatile=True)
         if (removed == 0) & (kept < max_out):
             tl.store(keep_ptr + base + i, 1)
@@ -41,7 +52,8 @@ def _greedy_nms_kernel(x1_ptr, y1_ptr, x2_ptr, y2_ptr, group_ptr, count_ptr, rem
             ay2 = tl.load(y2_ptr + base + i)
             a_group = tl.load(group_ptr + base + i)
             a_area = (ax2 - ax1) * (ay2 - ay1)
-            for start in range(i + 1, count, BLOCK):
+            start = i + 1
+            while start < count:
                 offs = start + tl.arange(0, BLOCK)
                 inside = offs < count
                 bx1 = tl.load(x1_ptr + base + offs, mask=inside, other=0.0)
@@ -53,10 +65,12 @@ def _greedy_nms_kernel(x1_ptr, y1_ptr, x2_ptr, y2_ptr, group_ptr, count_ptr, rem
                 h = tl.maximum(tl.minimum(ay2, by2) - tl.maximum(ay1, by1), 0.0)
                 inter = w * h
                 # 0 / 0 (two empty boxes) is NaN, never above the threshold: not removed.
-                iou = inter / (a_area + (bx2 - bx1) * (by2 - by1) - inter)
+                iou = tl.div_rn(inter, a_area + (bx2 - bx1) * (by2 - by1) - inter)
                 hit = inside & (b_group == a_group) & (iou > iou_threshold)
                 tl.store(removed_ptr + base + offs, tl.full([BLOCK], 1, tl.int8), mask=hit)
+                start += BLOCK
             tl.debug_barrier()
+        i += 1
 
 
 def greedy_nms_triton(boxes: torch.Tensor, groups: torch.Tensor, count: torch.Tensor,
@@ -82,5 +96,6 @@ def greedy_nms_triton(boxes: torch.Tensor, groups: torch.Tensor, count: torch.Te
     _greedy_nms_kernel[(b,)](x1, y1, x2, y2, groups.to(torch.int32).contiguous(),
                              count.to(torch.int32).contiguous(), removed, keep, k,
                              float(iou_threshold), max_out,
-                             BLOCK=min(MAX_BLOCK, triton.next_power_of_2(max(k, 16))))
+                             BLOCK=min(MAX_BLOCK, triton.next_power_of_2(max(k, 16))),
+                             enable_fp_fusion=False)  # IoUs as torch's (module docstring)
     return keep.bool()
