@@ -161,7 +161,10 @@ def match_reference(candidates: torch.Tensor, candidates_valid: torch.Tensor,
     """Reference for `match`: the whole float[N, G, K] IoU matrix at once (several copies of
     it: 860 MB each for 8 images x 100 slots x 268,569 anchors). Same arguments and outputs.
     """
-    n = gt_boxes.shape[0]
+    n, k = gt_boxes.shape[0], candidates.shape[-2]
+    if k == 0:  # no candidate: nothing to label (the max over K below needs one)
+        empty = torch.zeros(n, 0, dtype=torch.int64, device=gt_boxes.device)
+        return empty, empty.clone()
     if candidates.dim() == 2:
         candidates = candidates.unsqueeze(0).expand(n, -1, -1)
         candidates_valid = candidates_valid.unsqueeze(0).expand(n, -1)

@@ -26,6 +26,10 @@ Four ways to compute it (`method`), with the same results:
 In the last two the candidates are ranked once by (score descending, index ascending) and
 `nms` gets that rank as its score, so ties break the same way whatever sort torchvision uses.
 
+IoUs are computed in float32 at least (float64 boxes stay float64, except in the kernel, which is
+float32): float16 boxes of a few hundred pixels have areas past float16's largest value (65504),
+so their IoUs would be inf / inf = NaN and nothing would be suppressed.
+
 The op is opaque to torch.compile (a `torch.library` op with a fake implementation giving its
 static output shapes), so the data-dependent steps of the last two methods cause no graph
 break.
@@ -91,7 +95,7 @@ def batched_nms_fixed(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Te
     cell = row * (group.max() + 1) + group  # (C,) one id per (row, group)
     cell_boxes = boxes.reshape(-1, 4)[candidates]  # (C, 4)
     if method == "per_cell":
-        kept = candidates[_nms_per_cell(cell_boxes, cell, iou_threshold)]
+        kept = candidates[_nms_per_cell(_at_least_float32(cell_boxes), cell, iou_threshold)]
     else:
         kept = candidates[_nms_shifted(cell_boxes.double(), cell, iou_threshold)]
     # Regroup by row, keeping the score order within each row, and give each a slot.
@@ -137,11 +141,17 @@ def _nms_static(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
     return indices, keep.scatter(1, slot, take)[:, :max_out].contiguous()
 
 
+def _at_least_float32(boxes: torch.Tensor) -> torch.Tensor:
+    """float16 and bfloat16 boxes as float32, for their areas (module docstring)."""
+    return boxes.to(torch.promote_types(boxes.dtype, torch.float32))
+
+
 def _greedy_torch(boxes: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor,
                   iou_threshold: float) -> torch.Tensor:
     """Greedy NMS of rank-ordered rows with static shapes: boxes float[B, K, 4], groups
     int[B, K], valid bool[B, K] -> kept bool[B, K]. Memory: the bool[B, K, K] matrix."""
     b, k, _ = boxes.shape
+    boxes = _at_least_float32(boxes)
     later = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(1)  # j > i
     area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])  # (B, K)
     suppresses = []  # chunks of bool[B, c, K]: rank i removes rank j

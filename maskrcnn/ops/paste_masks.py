@@ -33,11 +33,13 @@ def _interpolation(start: torch.Tensor, end: torch.Tensor, length: int,
                    src_size: int) -> torch.Tensor:
     """float[X, length, src_size]: row p holds the bilinear weights (align_corners=False)
     that resize src_size cells onto the box pixels start..end (inclusive) at image pixel p;
-    rows of pixels outside the box or the image are zero."""
+    rows of pixels outside the box or the image are zero, and all rows of an inverted box
+    (end < start: torchvision's slice start:end + 1 is empty)."""
     pixels = torch.arange(length, device=start.device)
-    extent = (end - start + 1).clamp(min=1).unsqueeze(-1)  # (X, 1) box size in pixels
+    # (X, 1) box size in pixels; at least 1 for the resize, as torchvision's max(w, 1).
+    extent = (end - start + 1).clamp(min=1).unsqueeze(-1)
     offset = pixels.unsqueeze(0) - start.unsqueeze(-1)  # (X, length) pixel index in the box
-    inside = (offset >= 0) & (offset < extent)
+    inside = (offset >= 0) & (pixels.unsqueeze(0) <= end.unsqueeze(-1))
     src = ((offset + 0.5) * (src_size / extent) - 0.5).clamp(min=0)
     lo = src.floor().clamp(max=src_size - 1)
     frac = src - lo

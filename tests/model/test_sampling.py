@@ -100,3 +100,19 @@ def test_tiled_match_equals_the_whole_matrix(tile, shared):
         ref = match_reference(*args)
         assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
         assert (ref[1] == FOREGROUND).sum() > 3  # the case has positives
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_match_reference_accepts_zero_candidates(shared):
+    """If this fails, the reference crashes on an image batch with no candidates (the max over
+    zero candidates of the low-quality rule) or returns other shapes than `match`, so it cannot
+    check `match` there."""
+    gt = torch.tensor([[[0.0, 0.0, 10.0, 10.0]], [[5.0, 5.0, 9.0, 9.0]]])
+    gt_valid = torch.ones(2, 1, dtype=torch.bool)
+    candidates = torch.zeros(0, 4) if shared else torch.zeros(2, 0, 4)
+    valid = torch.zeros(candidates.shape[:-1], dtype=torch.bool)
+    for low_quality in (True, False):
+        ref = match_reference(candidates, valid, gt, gt_valid, 0.7, 0.3, low_quality)
+        ours = match(candidates, valid, gt, gt_valid, 0.7, 0.3, low_quality)
+        for r, o in zip(ref, ours, strict=True):
+            assert r.shape == o.shape == (2, 0) and r.dtype == o.dtype == torch.int64

@@ -157,6 +157,22 @@ def test_degenerate_huge_and_equal(batched_nms_fixed):
     _check(batched_nms_fixed, boxes, scores, valid, groups, 0.0, 30)
 
 
+def test_float16_boxes_whose_areas_overflow(batched_nms_fixed):
+    """If this fails, float16 boxes over 256 px wide (areas past float16's 65504, so inf / inf
+    IoUs) are kept although they overlap, or one method refuses them: every method must
+    suppress as the float64 reference does."""
+    boxes, scores, valid, groups = _random_batch(2, 60, seed=9)
+    g = torch.Generator().manual_seed(10)
+    xy = torch.rand(2, 60, 2, generator=g) * 300
+    boxes = torch.cat([xy, xy + 300 + torch.rand(2, 60, 2, generator=g) * 300], -1).half()
+    scores = scores.half()
+    indices, keep = batched_nms_fixed(boxes, scores, valid, groups, 0.5, 60)
+    ref_indices, ref_keep = nms_reference(boxes.double(), scores.double(), valid, groups, 0.5, 60)
+    torch.testing.assert_close(indices, ref_indices, rtol=0, atol=0)
+    torch.testing.assert_close(keep, ref_keep, rtol=0, atol=0)
+    assert keep.sum() < valid.sum() - 10  # many suppressed: the case tests something
+
+
 @pytest.mark.parametrize("max_out", [50, 2000])
 def test_2000_candidates_several_groups(method, max_out):
     """If this fails, a row of RPN size (2000 candidates of 4 groups, as one FPN level's
