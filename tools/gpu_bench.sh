@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU section of BENCHMARKS.md as one script for a lent GPU machine (no network there):
-#   1. installs the carried wheels (.whl/: pycocotools, tensorboardX if the image lacks it, and
-#      protobuf if the image's is too old);
-#   2. tools/gpu_check.py: our ops and model on the GPU against the CPU (NMS and proposals with
-#      the Triton kernel, the static PyTorch loop and torchvision's shifted call; the Triton
-#      ROIAlign against the gather op and torchvision), one training step and one inference
-#      forward under torch.cuda.set_sync_debug_mode("error"), and 8 steps replayed as a CUDA
-#      graph against the same steps run eagerly; JSON in $OUT/gpu_check.json;
+#   1. installs, from the one folder .whl/ at the repository root, the wheels the machine's
+#      image lacks (see "Wheels" below);
+#   2. check: `python3 -m maskrcnn.check --config=8x4` (maskrcnn-check, 150 s at most): every
+#      fast path against its reference at the recipe's sizes (NMS and proposals by the Triton
+#      kernel, the static PyTorch loop and torchvision's shifted call; the Triton ROIAlign
+#      forward and backward against the gather op; the Triton matching against the tiled
+#      path; mask paste), the whole model against the CPU, the host synchronisations of one
+#      training step and one inference forward (none allowed), and 8 steps replayed as a CUDA
+#      graph against the same steps run eagerly; table in $OUT/check.log, JSON in
+#      $OUT/check.json. A failure is reported and the benchmarks still run;
 #   3. maskrcnn-benchmark of the COCO recipe (config 8x4: R50-FPN, 800x1344 canvas, BF16,
 #      channels_last, Triton NMS, ROIAlign and matching), against torchvision in one process:
 #      m8 and m12 (8 and 12 images) with the step replayed as a CUDA graph (the config's
@@ -15,6 +18,14 @@
 #      m8_gather: m8 with the gather ROIAlign and the tiled matching (PyTorch ops), to see
 #      what the Triton kernels give;
 #   4. the CPU test suite under the machine's Python and torch, if time is left.
+# Wheels: the image (Python 3.12, torch 2.11, torchvision, Triton 3.6, numpy, Pillow) lacks
+# some of what maskrcnn imports. Put these in .whl/ (built for cp312 manylinux x86_64, e.g.
+# `pip download --only-binary=:all: --python-version 3.12 --no-deps -d .whl pycocotools
+# tensorboardX "protobuf>=5.26.1" absl-py tqdm`); each is installed only when its import fails
+# (protobuf also when older than 5.26, which config_pb2.py needs):
+#   pycocotools (COCO evaluation), tensorboardX (event files), protobuf (configs),
+#   absl-py (flags), tqdm (progress bar); for stage 4 also pytest, pluggy, iniconfig,
+#   pytest-xdist, execnet and pyyaml.
 # Stages run in the order below while time is left. Logs and JSON reports go to $OUT (default
 # runs/gpu). Every stage has its own time limit, so that one hang cannot eat the lease. A CPU
 # dry run: DEVICE=cpu BENCH_SET='...' STEPS=1; STAGES='m8 m12' runs those stages only.
@@ -31,13 +42,22 @@ log() { echo "[$((SECONDS - start)) s] $*"; }
 left() { echo $((BUDGET_S - (SECONDS - start))); }
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
+wheel_for() {  # wheel_for PATTERN MODULE: the wheel when MODULE cannot be imported
+  python3 -c "import $2" 2>/dev/null || ls .whl/$1 2>/dev/null | head -1
+}
 if [ -d .whl ]; then
-  wheels=(.whl/pycocotools-*.whl)
-  python3 -c "import tensorboardX" 2>/dev/null || wheels+=(.whl/tensorboard[xX]-*.whl)
+  wheels=()
+  for spec in "pycocotools-*.whl pycocotools" "tensorboard[xX]-*.whl tensorboardX" \
+      "absl_py-*.whl absl" "tqdm-*.whl tqdm" "pytest-*.whl pytest" "pluggy-*.whl pluggy" \
+      "iniconfig-*.whl iniconfig" "pytest_xdist-*.whl xdist" "execnet-*.whl execnet" \
+      "PyYAML-*.whl yaml" "pyyaml-*.whl yaml"; do
+    w=$(wheel_for $spec) && [ -n "$w" ] && wheels+=("$w")
+  done
   python3 -c "import google.protobuf as p, sys; sys.exit(tuple(map(int, p.__version__.split('.')[:2])) < (5, 26))" \
-    || wheels+=(.whl/protobuf-*.whl)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "${wheels[@]}" && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    2>/dev/null || wheels+=(.whl/protobuf-*.whl)
+  [ ${#wheels[@]} -gt 0 ] && python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 log "environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1
@@ -47,9 +67,10 @@ git log -1 --format='commit %H' 2>/dev/null
 STAGES=${STAGES:-check m8 m8_eager m12 m8_compile m12_eager m12_compile m8_gather tests}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 if has check; then
-  log "gpu_check"
-  timeout 150 python3 tools/gpu_check.py --device="$DEVICE" --json_out="$OUT/gpu_check.json" \
-    2>&1 | tee "$OUT/gpu_check.log"
+  log "check (limit 150 s)"
+  timeout 150 python3 -m maskrcnn.check --config=8x4 --device="$DEVICE" \
+    --json_out="$OUT/check.json" 2>&1 | grep -v Warning | tee "$OUT/check.log"
+  log "check exit status ${PIPESTATUS[0]} (0 passed, 1 a check failed, 124 timed out)"
 fi
 
 bench() {  # bench NAME LIMIT_S SET [FLAGS...]
