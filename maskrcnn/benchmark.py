@@ -48,12 +48,10 @@ from maskrcnn.cli import run_command
 from maskrcnn.config import Config, ConfigError, config_pb2
 from maskrcnn.config.flags import FLAGS, config_from_flags
 from maskrcnn.data.batch import Batch
+from maskrcnn.engine.fallback import verify_kernels
 from maskrcnn.engine.step import TrainStep
 from maskrcnn.engine.trainer import resolve_device
-from maskrcnn.model.sampling import MATCH_METHODS
-from maskrcnn.ops.nms import METHODS as NMS_METHODS
-from maskrcnn.ops.roi_align import ROI_ALIGN_METHODS
-from maskrcnn.runtime import Runtime
+from maskrcnn.runtime import KERNEL_OPS, Runtime
 
 BASELINES = ("none", "torchvision")
 flags.DEFINE_string("baseline", "none", "none, or torchvision: also time torchvision's Mask "
@@ -68,12 +66,10 @@ flags.DEFINE_bool("baseline_cudnn_benchmark", False, "cuDNN autotuning for torch
                   "in torchvision's reference scripts: its RoI counts change every step, and "
                   "with autotuning each new shape is tuned again (seen on an H200: median "
                   "step 4.5x its fastest).")
-flags.DEFINE_string("nms", "auto", "Our NMS method (ops/nms.py: triton, torch, per_cell, "
-                    "shifted); auto = the device's default.")
-flags.DEFINE_string("roi_align", "auto", "Our ROIAlign method (ops/roi_align.py: gather, "
-                    "triton); auto = the device's default.")
-flags.DEFINE_string("match", "auto", "Our RPN anchor matching (model/sampling.py: tiled, "
-                    "triton); auto = the device's default.")
+KERNEL_CHOICES = ("auto", "torch", "triton")
+for _op, _what in (("nms", "NMS"), ("roi_align", "ROIAlign"), ("match", "RPN anchor matching")):
+    flags.DEFINE_enum(_op, None, KERNEL_CHOICES, f"Our {_what} kernel: the config's "
+                      f"run.kernels.{_op} (AUTO, TORCH or TRITON), which this flag overrides.")
 flags.DEFINE_bool("breakdown", True, "Profile where our training step's time goes.")
 flags.DEFINE_bool("ops", True, "Op micro-benchmarks (proposals, ROIAlign) against torchvision.")
 flags.DEFINE_bool("loader", False, "Time the input pipeline (decode, resize, flip, pad, "
@@ -98,14 +94,6 @@ def _check_flags() -> torch.device:
         raise ConfigError(f"--steps={FLAGS.steps}: must be at least 1")
     if FLAGS.warmup < 0:
         raise ConfigError(f"--warmup={FLAGS.warmup}: must be at least 0")
-    if FLAGS.nms not in ("auto", *NMS_METHODS):
-        raise ConfigError(f"--nms={FLAGS.nms}: must be auto or one of {', '.join(NMS_METHODS)}")
-    if FLAGS.roi_align not in ("auto", *ROI_ALIGN_METHODS):
-        raise ConfigError(f"--roi_align={FLAGS.roi_align}: must be auto or one of "
-                          f"{', '.join(ROI_ALIGN_METHODS)}")
-    if FLAGS.match not in ("auto", *MATCH_METHODS):
-        raise ConfigError(f"--match={FLAGS.match}: must be auto or one of "
-                          f"{', '.join(MATCH_METHODS)}")
     if FLAGS.peak_tflops < 0:
         raise ConfigError(f"--peak_tflops={FLAGS.peak_tflops:g}: must be positive (or 0)")
     if not FLAGS.loader_workers or not all(w.isdigit() and int(w) > 0
@@ -183,9 +171,8 @@ def set_up_ours(config: Config, batch: Batch,
                 device: torch.device) -> tuple[_Side, TrainStep]:
     last = {}
     with PeakMemory(device) as memory:
-        runtime = Runtime.for_device(device)
-        chosen = {name: getattr(FLAGS, name) for name in ("nms", "roi_align", "match")}
-        runtime = runtime.replace(**{k: v for k, v in chosen.items() if v != "auto"})
+        runtime = verify_kernels(Runtime.for_config(config, device), device)
+        print(f"on {device}: {runtime.describe()}", flush=True)
         trainer = bench_step(config, device, runtime)
 
         def train():
@@ -421,9 +408,17 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def kernel_flags(config: Config) -> Config:
+    """The config with --nms, --roi_align and --match (where given) set in run.kernels."""
+    for op in KERNEL_OPS:
+        if getattr(FLAGS, op) is not None:
+            setattr(config.run.kernels, op, config_pb2.Kernel.Value(getattr(FLAGS, op).upper()))
+    return config
+
+
 def main() -> None:
     device = _check_flags()
-    config = config_from_flags()
+    config = kernel_flags(config_from_flags())
     if FLAGS.loader:
         report = {"command": shlex.join(["maskrcnn-benchmark", *sys.argv[1:]]),
                   **run_loader_benchmark(

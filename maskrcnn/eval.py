@@ -32,6 +32,7 @@ from maskrcnn.engine.evaluate import (
     read_results,
     score,
 )
+from maskrcnn.engine.fallback import verify_kernels
 from maskrcnn.engine.step import autocast_dtype
 from maskrcnn.engine.trainer import load_model_state, resolve_device
 from maskrcnn.model.maskrcnn import build_model
@@ -80,7 +81,10 @@ def evaluate_checkpoint(process: distributed.Process) -> None:
         raise DatasetError("no val split: pass --data_dir, or --val_json and --val_images")
     coco = read_coco(paths.val_json, paths.val_images, train=False,
                      num_classes=config.model.num_classes)
-    model = build_model(config, Runtime.for_device(process.device))
+    runtime = verify_kernels(Runtime.for_config(config, process.device, process.rank,
+                                                process.world_size), process.device)
+    say(f"on {process.device}: {runtime.describe()}")
+    model = build_model(config, runtime)
     load_model_state(model, state["model"], FLAGS.checkpoint)
     model.to(process.device)
     loader = build_eval_loader(config, build_dataset(config, coco, train=False),

@@ -18,6 +18,7 @@ from maskrcnn.cli import run_command
 from maskrcnn.config.flags import FLAGS, config_from_flags
 from maskrcnn.data.coco import DatasetError
 from maskrcnn.engine import checkpoint as ckpt
+from maskrcnn.engine.fallback import verify_kernels
 from maskrcnn.engine.predictions import (
     draw_ground_truth,
     draw_predictions,
@@ -56,7 +57,9 @@ def main() -> None:
     state = ckpt.load(Path(FLAGS.checkpoint))
     config = config_from_flags(state["config"], f"{FLAGS.checkpoint} (its config)")
     device = resolve_device(FLAGS.device)
-    model = build_model(config, Runtime.for_device(device))
+    runtime = verify_kernels(Runtime.for_config(config, device), device)
+    print(f"on {device}: {runtime.describe()}")
+    model = build_model(config, runtime)
     load_model_state(model, state["model"], FLAGS.checkpoint)
     model.to(device)
     paths = find_images(FLAGS.input)

@@ -91,7 +91,7 @@ bench m12 80 "run { images_per_gpu: 12 }" $tv --nobreakdown --noops
 bench m8_compile 150 "run { images_per_gpu: 8 compile: true }" --nobreakdown --noops
 bench m12_eager 80 "run { images_per_gpu: 12 cuda_graph: false }" $tv --nobreakdown --noops
 bench m12_compile 150 "run { images_per_gpu: 12 compile: true }" --nobreakdown --noops
-bench m8_gather 70 "run { images_per_gpu: 8 }" --roi_align=gather --match=tiled --nobreakdown \
+bench m8_gather 70 "run { images_per_gpu: 8 }" --roi_align=torch --match=torch --nobreakdown \
   --noops
 
 if has tests && [ "$(left)" -gt 40 ]; then
