@@ -1,5 +1,5 @@
-"""The deployment files (Dockerfile, Kubernetes manifest, SLURM script) and the README's launch
-commands and configs table agree with the package, its configs and requirements.lock.
+"""The deployment files (Dockerfile, Kubernetes manifest, SLURM script) and the launch commands
+and configs table of the README and docs/ agree with the package, its configs and requirements.lock.
 
 None of this can run here (no Docker daemon, no cluster, one CPU node), so these tests read the
 files and check what can go stale: versions, names, counts and the torchrun command lines.
@@ -28,6 +28,9 @@ DOCKERFILE = REPO / "Dockerfile"
 MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
 SLURM = REPO / "deploy" / "slurm" / "maskrcnn-32x4.sbatch"
 README = REPO / "README.md"
+# The user documents whose launch commands and tables these tests check.
+DISTRIBUTED = REPO / "docs" / "distributed.md"
+CONFIGS = REPO / "docs" / "configs.md"
 # What the image takes from the PyTorch base image instead of requirements.lock (Dockerfile).
 BASE_IMAGE = re.compile(r"torch|torchvision|triton|nvidia-.*|cuda-.*")
 # requirements.lock's development tools, which the image leaves out.
@@ -187,7 +190,7 @@ def test_kubernetes_manifest(path):
 
 def test_slurm_script():
     """If this fails, the SLURM example has a shell syntax error, its #SBATCH resources do not
-    match its torchrun command, or the README shows another version of it."""
+    match its torchrun command, or docs/distributed.md shows another version of it."""
     text = SLURM.read_text()
     subprocess.run(["bash", "-n", str(SLURM)], check=True)
     sbatch = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.M))
@@ -195,11 +198,13 @@ def test_slurm_script():
     assert get_args_parser().parse_args(argv).nproc_per_node == sbatch["gpus-per-node"]
     assert sbatch["ntasks-per-node"] == "1"  # one torchrun agent per node
     check_launch(argv, nnodes=int(sbatch["nodes"]))
-    assert f"```bash\n{text}```" in README.read_text()
+    assert f"```bash\n{text}```" in DISTRIBUTED.read_text()
 
 
 def readme_torchrun_commands() -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    """The torchrun command lines of the README and docs/distributed.md."""
+    text = README.read_text() + DISTRIBUTED.read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     # `srun torchrun` is the SLURM script's, checked with its #SBATCH lines above.
     return [line for line in lines if line.startswith("torchrun ")]
@@ -207,13 +212,13 @@ def readme_torchrun_commands() -> list[str]:
 
 @pytest.mark.parametrize("command", readme_torchrun_commands())
 def test_readme_launch_commands(command):
-    """If this fails, a launch command in the README does not parse as torchrun's, names no
+    """If this fails, a launch command in the docs does not parse as torchrun's, names no
     config or flag we have, or trains another global batch than its config's."""
     check_launch(torchrun_argv(command))
 
 
 def readme_configs_table() -> list[dict[str, str]]:
-    lines = README.read_text().split("## Configs", 1)[1].splitlines()
+    lines = CONFIGS.read_text().split("## Named configs", 1)[1].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| name |"))
     rows = []
     for line in lines[start:]:
@@ -225,7 +230,7 @@ def readme_configs_table() -> list[dict[str, str]]:
 
 
 def test_readme_configs_table_matches_the_configs():
-    """If this fails, the README's table of named configs states another batch, LR, schedule
+    """If this fails, docs/configs.md's table of named configs states another batch, LR, schedule
     or clipping than the config files."""
     table = {row["name"].strip("`"): row for row in readme_configs_table()}
     assert set(table) == set(named_configs())

@@ -1,5 +1,5 @@
 """Training, evaluation and prediction on real COCO photographs, as a user runs them: the
-README's CPU-sized `maskrcnn-train --config=8x1 --data_dir=...` command on the 50 val2017
+docs/training.md's CPU-sized `maskrcnn-train --config=8x1 --data_dir=...` command on the 50 val2017
 photos of tests/assets (with their images without annotations and crowd regions), and the
 same settings fitting 20 of them."""
 
@@ -27,15 +27,15 @@ FIT_IMAGES = 20
 
 
 def readme_command() -> list[str]:
-    """The flags of the README's command that trains 8x1 on real photos on the CPU."""
-    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    """The flags of docs/training.md's command that trains 8x1 on real photos on the CPU."""
+    text = (REPO / "docs" / "training.md").read_text().replace("\\\n", " ")
     line = next(line for line in text.splitlines()
                 if line.startswith("maskrcnn-train --config=8x1 --data_dir="))
     return shlex.split(line)[1:]
 
 
 def _flags(**paths: str) -> list[str]:
-    """The README's flags with its data and output paths replaced."""
+    """docs/training.md's flags with its data and output paths replaced."""
     out = []
     for flag in readme_command():
         name = flag.split("=", 1)[0][2:]
@@ -74,7 +74,7 @@ def test_readme_command_trains_and_evaluates_on_a_real_coco_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """(subset json, run dir, stdout, seconds) of the README's settings trained on the 20
+    """(subset json, run dir, stdout, seconds) of docs/training.md's settings trained on the 20
     photos with the fewest instances (1 to 4 each) and evaluated on the same photos."""
     data = json.loads(JSON.read_text())
     counts: dict[int, int] = {}
