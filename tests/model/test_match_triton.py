@@ -201,21 +201,15 @@ def test_match_triton_compiles_without_graph_breaks():
         assert torch.equal(ours, eager)
 
 
-# The launches that compile_for_gpu intercepts: the RPN's sizes.
-GPU_LAUNCHES = """
-anchors = torch.zeros(268569, 4)
-ops.match_triton(anchors, torch.ones(268569, dtype=torch.bool), torch.zeros(8, 100, 4),
-                 torch.ones(8, 100, dtype=torch.bool), True)
-"""
-
-
 def test_match_triton_kernels_compile_for_a_gpu():
     """If this fails, a kernel that the interpreter runs does not compile for a GPU (sm_90, the
-    RPN's 8 images x 100 slots x 268,569 anchors), so it would fail on the first CUDA step, or
-    its PTX fuses a multiply and an add (FMA) or divides approximately, so its IoUs could
-    differ from torch's in the last bit."""
-    compiled = compile_for_gpu("maskrcnn.ops.match_triton",
-                               ["_best_match_kernel", "_at_gt_best_kernel"], GPU_LAUNCHES)
-    assert [name for name, *_ in compiled] == ["_best_match_kernel", "_at_gt_best_kernel"]
-    for name, _, fma, div_rn in compiled:
-        assert fma == 0 and div_rn > 0, name
+    RPN's 8 images x 100 slots x 268,569 anchors and the RoI heads' 1,100 candidates), so it
+    would fail on the first CUDA step, or spills registers, or its PTX fuses a multiply and an
+    add (FMA) or divides approximately, so its IoUs could differ from torch's in the last
+    bit."""
+    compiled = compile_for_gpu("match")
+    assert [(kernel, case) for kernel, case, *_ in compiled] == [
+        ("_best_match_kernel", "rpn"), ("_at_gt_best_kernel", "rpn"),
+        ("_best_match_kernel", "roi-heads")]
+    for kernel, case, _, _, spills, fma, div_rn in compiled:
+        assert spills == 0 and fma == 0 and div_rn > 0, (kernel, case)

@@ -8,6 +8,7 @@ from torchvision.ops import batched_nms
 
 from maskrcnn.ops import nms as nms_module
 from maskrcnn.ops.nms import METHODS, nms_reference
+from tests.triton_compile import compile_for_gpu
 
 
 @pytest.fixture(params=METHODS)
@@ -207,3 +208,18 @@ def test_op_registration(method):
     compiled = torch.compile(op, backend="eager", fullgraph=True)
     for ours, theirs in zip(compiled(*args), op(*args), strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_nms_kernel_compiles_for_a_gpu():
+    """If this fails, the NMS kernel that the interpreter runs does not compile for a GPU
+    (sm_90; the RPN's 40 rows of 2000 and 1000 candidates, the box head's 8 rows of 5000), so
+    "triton" would fail on the first CUDA step, or it spills registers, or its PTX fuses a
+    multiply and an add (FMA) or divides approximately: an IoU at the threshold could then
+    round to the other side of it than in the "torch" method that tools/gpu_check.py compares
+    the kernel with exactly."""
+    compiled = compile_for_gpu("nms")
+    assert [(kernel, case) for kernel, case, *_ in compiled] == [
+        ("_greedy_nms_kernel", "rpn-train"), ("_greedy_nms_kernel", "rpn-test"),
+        ("_greedy_nms_kernel", "box-head")]
+    for _, case, _, _, spills, fma, div_rn in compiled:
+        assert spills == 0 and fma == 0 and div_rn > 0, case

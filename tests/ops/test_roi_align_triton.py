@@ -202,25 +202,13 @@ def test_roi_align_triton_compiles_without_graph_breaks():
     torch.testing.assert_close(compiled_grads, eager_grads)
 
 
-# The launches that compile_for_gpu intercepts: the box head's case.
-GPU_LAUNCHES = """
-features = [torch.zeros(2, 256, 64 // s, 96 // s, dtype=torch.bfloat16).to(
-    memory_format=torch.channels_last) for s in (4, 8, 16, 32)]
-rois = torch.zeros(3, 5)
-levels = torch.zeros(3, dtype=torch.int64)
-scales = [0.25, 0.125, 0.0625, 0.03125]
-ops.roi_align_levels_triton(features, rois, levels, 7, scales, 2, True)
-ops.roi_align_levels_triton_backward(torch.zeros(3, 256, 7, 7, dtype=torch.bfloat16), rois,
-                                     levels, 2, [16, 8, 4, 2], [24, 12, 6, 3], scales, 2, True)
-"""
-
-
 def test_roi_align_triton_kernels_compile_for_a_gpu():
     """If this fails, a kernel that the interpreter runs does not compile for a GPU (sm_90,
-    bfloat16, 256 channels, 4 levels, 7x7: the box head's case), so it would fail on the first
-    CUDA step; CI has no GPU, and the interpreter accepts code the compiler rejects."""
-    compiled = compile_for_gpu("maskrcnn.ops.roi_align_triton",
-                               ["_roi_align_forward_kernel", "_roi_align_backward_kernel"],
-                               GPU_LAUNCHES)
-    assert [name for name, *_ in compiled] == [
-        "_roi_align_forward_kernel", "_roi_align_backward_kernel"]
+    bfloat16 channels-last, 256 channels, 4 levels, the box head's 7x7 and the mask head's
+    14x14 at 8 images), so it would fail on the first CUDA step, or it spills registers; CI has
+    no GPU, and the interpreter accepts code the compiler rejects."""
+    compiled = compile_for_gpu("roi_align")
+    assert [(kernel, case) for kernel, case, *_ in compiled] == [
+        ("_roi_align_forward_kernel", "box-head"), ("_roi_align_backward_kernel", "box-head"),
+        ("_roi_align_forward_kernel", "mask-head"), ("_roi_align_backward_kernel", "mask-head")]
+    assert all(spills == 0 for *_, spills, _, _ in compiled)
