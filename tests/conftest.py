@@ -7,7 +7,8 @@ import pytest
 # Triton decides at decoration time whether a kernel is compiled or interpreted, so this must
 # come before maskrcnn's kernel modules are imported. The kernels' tests (named *triton*) run
 # them on CPU tensors, at small sizes, so interpreted also where a GPU is present (the compiled
-# kernels are checked on the GPU by tools/gpu_check.py, in its own process).
+# kernels are checked on the GPU by maskrcnn-check, in its own process; tools/compile_kernels.py
+# compiles them for GPUs without one).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

@@ -25,7 +25,7 @@ bit in two ways, both switched off: fusing a multiply and an add into one FMA (t
 launched with enable_fp_fusion=False, which also passes --fmad=false to ptxas) and Triton's
 default float32 division (div.full.f32, not correctly rounded; tl.div_rn rounds as IEEE, as
 torch does). So the interpreter (numpy, on the CPU tests) and, in principle, the compiled
-kernels give torch's IoUs bit for bit, hence the same matches (tools/gpu_check.py counts any
+kernels give torch's IoUs bit for bit, hence the same matches (maskrcnn-check counts any
 difference on a GPU).
 
 G is a compile-time constant (one compiled kernel per slot count; the recipe has one, 100):

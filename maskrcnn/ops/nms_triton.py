@@ -10,11 +10,11 @@ kept box's stores are made visible to the program's next scalar read by a barrie
 keeping after `max_out` boxes and only visits the row's valid candidates (their count is read
 by the kernel, not by the host).
 
-IoUs round as the "torch" method's (ops/nms.py), the reference that tools/gpu_check.py compares
-the kernel with exactly: the kernel is launched with enable_fp_fusion=False (no multiply and add
-fused into an FMA; also ptxas --fmad=false) and divides with tl.div_rn (IEEE rounding, not
-Triton's default approximate div.full.f32), as ops/match_triton.py does. An IoU at the
-threshold is then above it on both or on neither.
+IoUs round as the "torch" method's (ops/nms.py), the reference that maskrcnn-check
+(engine/kernel_check.py) compares the kernel with exactly: the kernel is launched with
+enable_fp_fusion=False (no multiply and add fused into an FMA; also ptxas --fmad=false) and
+divides with tl.div_rn (IEEE rounding, not Triton's default approximate div.full.f32), as
+ops/match_triton.py does. An IoU at the threshold is then above it on both or on neither.
 
 The loops are `while` loops: their bounds are data (the row's count), and Triton 3.6's
 interpreter cannot use a tensor as a `range` bound under numpy >= 2.4 (it converts a 1-element

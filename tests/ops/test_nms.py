@@ -215,8 +215,8 @@ def test_nms_kernel_compiles_for_a_gpu():
     (sm_90; the RPN's 40 rows of 2000 and 1000 candidates, the box head's 8 rows of 5000), so
     "triton" would fail on the first CUDA step, or it spills registers, or its PTX fuses a
     multiply and an add (FMA) or divides approximately: an IoU at the threshold could then
-    round to the other side of it than in the "torch" method that tools/gpu_check.py compares
-    the kernel with exactly."""
+    round to the other side of it than in the "torch" method that maskrcnn-check compares the
+    kernel with exactly."""
     compiled = compile_for_gpu("nms")
     assert [(kernel, case) for kernel, case, *_ in compiled] == [
         ("_greedy_nms_kernel", "rpn-train"), ("_greedy_nms_kernel", "rpn-test"),
