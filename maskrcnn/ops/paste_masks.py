@@ -9,6 +9,10 @@ pixel for pixel): the M x M mask is padded by one zero cell on each side, its bo
 to the image. torchvision does this with a Python loop over detections; we write the bilinear
 resize as two interpolation matrices per detection, so all detections of a batch paste at once
 with two batched matrix products: out = Wy @ mask @ Wx^T.
+
+One difference, on purpose: a box without area (x2 <= x1 or y2 <= y1) paints nothing. For an
+inverted box torchvision paints nothing too (its slice is empty); for a box of zero width or
+height it paints the one pixel its truncated box covers, a mask for an object of no size.
 """
 
 import torch
@@ -50,6 +54,11 @@ def _interpolation(start: torch.Tensor, end: torch.Tensor, length: int,
     return weights * inside.unsqueeze(-1)
 
 
+def _has_area(boxes: torch.Tensor) -> torch.Tensor:
+    """bool[...]: whether each (x1, y1, x2, y2) box has a positive width and height."""
+    return (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+
+
 @torch.library.custom_op("maskrcnn::paste_masks", mutates_args=())
 def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Full-image mask probabilities for every detection.
@@ -68,7 +77,7 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
     rows = _interpolation(box[:, 1], box[:, 3], height, m + 2)  # (N*D, H, M+2)
     cols = _interpolation(box[:, 0], box[:, 2], width, m + 2)  # (N*D, W, M+2)
     out = rows @ padded @ cols.transpose(1, 2)  # (N*D, H, W)
-    return out.reshape(n, d, height, width)
+    return out.reshape(n, d, height, width) * _has_area(boxes)[..., None, None]
 
 
 @paste_masks.register_fake
@@ -85,6 +94,8 @@ def paste_masks_reference(masks: torch.Tensor, boxes: torch.Tensor, height: int,
     box = _expanded_int_boxes(boxes.double(), m)
     for i in range(n):
         for j in range(d):
+            if not _has_area(boxes[i, j]):
+                continue
             x1, y1, x2, y2 = box[i, j].tolist()
             w, h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
             resized = F.interpolate(padded[i, j][None, None], size=(h, w), mode="bilinear",
