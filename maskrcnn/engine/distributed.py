@@ -13,6 +13,14 @@ or hung)". NCCL reports its timeouts from a watchdog thread, which ends the proc
 message naming the rank and the operation ("[Rank 1] Watchdog caught collective operation
 timeout: WorkNCCL(SeqNum=..., OpType=ALLREDUCE, ...)"); torchrun then stops the other ranks
 and names the one that failed first.
+
+When a rank fails on its own (a corrupt image, an out-of-memory error, a failed kernel) it
+publishes "rank R: cause" in the job's store (`publish_failure`) and ends. Its end closes its
+Gloo connections (leaving the group does not while DDP holds it), so the others' next
+collective fails at once rather than at the timeout, and they read the cause from the store
+(`first_failure`); rank 0 prints the job's one line (`end_failed_job`). Under torchrun the
+store is the agent's and outlives every rank. NCCL does not notice a peer's end: its ranks
+still stop at the timeout (untested here).
 """
 
 import os
@@ -33,6 +41,9 @@ from maskrcnn.config import ConfigError
 # RuntimeErrors); NCCL raises DistBackendError.
 _PEER_ERRORS = ("gloo", "pair closure", "connection closed", "connection reset", "timed out")
 _timeout_s = 0.0  # set by init
+_store: dist.Store | None = None  # the process group's store, kept past its teardown
+_rank = 0  # this process's rank, also after the teardown
+_FIRST_FAILURE = "maskrcnn/first_failure"  # "R\ncause" of the first rank that failed
 T = TypeVar("T")
 
 
@@ -68,7 +79,7 @@ def init(device: torch.device, timeout_s: float) -> Process:
     device: the resolved --device; on CUDA each process takes cuda:LOCAL_RANK (backend NCCL),
     on the CPU the backend is Gloo. timeout_s: how long any collective may wait.
     """
-    global _timeout_s
+    global _timeout_s, _store, _rank
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1:
         return Process(0, 1, 0, device)
@@ -93,6 +104,7 @@ def init(device: torch.device, timeout_s: float) -> Process:
     except dist.DistError as error:  # e.g. the rendezvous store timed out
         raise DistributedError(f"rank {rank}: joining the process group failed: "
                                f"{_summary(error)}") from None
+    _store, _rank = dist.distributed_c10d._get_default_store(), rank
     return Process(rank, world_size, local_rank, device)
 
 
@@ -100,6 +112,42 @@ def shutdown() -> None:
     """Leaves the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def publish_failure(cause: str) -> None:
+    """Records in the job's store that this rank failed, and why (one line), unless another
+    rank's failure was recorded first; nothing without a process group."""
+    if _store is None:
+        return
+    try:
+        _store.compare_set(_FIRST_FAILURE, "", f"{dist.get_rank()}\n{cause}")
+    except (RuntimeError, dist.DistError):
+        pass  # the store is gone (its host ended): the collectives fail on their own
+
+
+def first_failure() -> tuple[int, str] | None:
+    """(rank, cause) of the first rank that published a failure, or None."""
+    if _store is None:
+        return None
+    try:
+        if not _store.check([_FIRST_FAILURE]):
+            return None
+        rank, cause = _store.get(_FIRST_FAILURE).decode().split("\n", 1)
+    except (RuntimeError, dist.DistError, ValueError):
+        return None
+    return int(rank), cause
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group), also after shutdown()."""
+    return _rank
+
+
+def end_failed_job() -> bool:
+    """Whether this process prints its one line on a failure that ends the job: always
+    without a process group; with one, rank 0, and the others only when no rank published a
+    failure (a rank was killed or hung), since rank 0's line names the one that failed."""
+    return _store is None or _rank == 0 or first_failure() is None
 
 
 def world_size() -> int:

@@ -9,7 +9,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,16 @@ IOU_TYPES = ("bbox", "segm")
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
               "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 MASK_THRESHOLD = 0.5  # a pixel belongs to the instance where its probability is at least this
+
+
+class EvaluationStopped(Exception):
+    """Evaluation stopped on a signal between two batches; nothing was written or scored.
+
+    signal_number: the signal's number (SIGTERM 15); images: those this rank had done."""
+
+    def __init__(self, signal_number: int, images: int):
+        super().__init__(f"evaluation stopped on signal {signal_number} after {images} images")
+        self.signal_number, self.images = signal_number, images
 
 
 def detections_to_coco(detections: dict[str, torch.Tensor], batch: Batch,
@@ -266,7 +276,8 @@ def format_table(stats: dict[str, np.ndarray]) -> str:
 def evaluate(model: torch.nn.Module, loader: Iterable[Batch], gt_json: Path,
              category_ids: Sequence[int], output_dir: Path | None, device: torch.device,
              autocast_dtype: torch.dtype | None = None, per_category: bool = False,
-             coco_eval: int = PYCOCOTOOLS, log=print) -> dict[str, float]:
+             coco_eval: int = PYCOCOTOOLS, log=print,
+             stop: Callable[[], int] | None = None) -> dict[str, float]:
     """Scores the model on every image of the loader against gt_json.
 
     Data parallel (a process group with several ranks): every rank calls this with the loader
@@ -274,14 +285,22 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Batch], gt_json: Path,
     every rank returns rank 0's metrics. Writes the results (bbox and segm in one COCO results
     file, ordered by image id) to output_dir/coco_results.json when output_dir is given.
     coco_eval: the COCOeval implementation (run.coco_eval). Returns {"bbox/AP": ..., ...}.
+    stop: the number of a signal that asks to stop (0: go on), e.g. StopSignals.received;
+    read before each batch and before the results are gathered (a Python read, no device
+    wait). When it is set, this raises EvaluationStopped: no results file is written, nothing
+    is scored. Each rank reads its own (torchrun passes a SIGTERM to every rank); a rank left
+    evaluating fails at the gather, naming the one that stopped.
     """
     was_training = model.training
     model.eval()
     results: list[dict] = []
     image_ids: list[int] = []
     start = time.perf_counter()
+    stop = stop or (lambda: 0)
     try:
         for batch in loader:
+            if number := stop():
+                raise EvaluationStopped(number, len(image_ids))
             batch = batch.to(device)
             with torch.autocast(device.type, dtype=autocast_dtype,
                                 enabled=autocast_dtype is not None):
@@ -290,6 +309,8 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Batch], gt_json: Path,
                           for k, v in detections.items()}
             results += detections_to_coco(detections, batch, category_ids)
             image_ids += batch.image_ids.tolist()
+        if number := stop():
+            raise EvaluationStopped(number, len(image_ids))
     finally:
         model.train(was_training)
     shards = distributed.gather_to_main((results, image_ids),

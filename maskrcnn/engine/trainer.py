@@ -25,6 +25,14 @@ Faults (the commands turn each into one line and an exit status, cli.py):
 - A checkpoint that cannot be written (a full disk): CheckpointError on every rank, the
   checkpoints before it intact (checkpoint.save_atomic).
 - --resume skips checkpoints that cannot be read (checkpoint.load_latest).
+- SIGTERM or SIGINT during an evaluation (mid-run or final) stops it before its next batch:
+  no results file, the checkpoint of the step on disk, one line, TrainingStopped.
+- A rank that fails on its own (a corrupt image, an out-of-memory error, a failed kernel; not
+  the errors every rank raises together) makes every rank stop at once (Trainer._fail): it
+  publishes its cause and leaves the process group, the others' next collective fails, and
+  rank 0 writes the checkpoint of the last completed step (no collective: the failed rank is
+  gone) and prints the job's one line, "rank 1 failed: <cause>; stopping all ranks; the 37
+  steps done are in PATH; continue with --resume" (distributed.end_failed_job).
 """
 
 import functools
@@ -52,7 +60,7 @@ from maskrcnn.data.loader import (
 )
 from maskrcnn.engine import checkpoint as ckpt
 from maskrcnn.engine import distributed
-from maskrcnn.engine.evaluate import evaluate
+from maskrcnn.engine.evaluate import EvaluationStopped, evaluate
 from maskrcnn.engine.events import EventWriter
 from maskrcnn.engine.solver import make_schedule
 from maskrcnn.engine.step import LOSS_KEYS, TrainStep, unwrap
@@ -364,7 +372,8 @@ class Trainer:
     def autocast_dtype(self) -> torch.dtype | None:
         return self.train_step.autocast_dtype
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, stop=None) -> dict[str, float]:
+        """Scores the model on the val split ({} without one); stop: as evaluate()'s."""
         if self.val_coco is None:
             return {}
         dataset = build_dataset(self.config, self.val_coco, train=False)
@@ -373,7 +382,7 @@ class Trainer:
         return evaluate(unwrap(self.model), loader, self.val_json,
                         self.val_coco.category_ids, self.output_dir, self.device,
                         self.autocast_dtype, coco_eval=self.config.run.coco_eval,
-                        log=self.log)
+                        log=self.log, stop=stop)
 
     def train(self, exit_after_step: int = 0, exit_rank: int = -1) -> TrainResult:
         """Trains to the end of the schedule from self.step (0, or where resume left off), then
@@ -382,10 +391,10 @@ class Trainer:
 
         While it trains, SIGTERM or SIGINT stops the run after the current step (with several
         processes, after the first step where they agree, _stop_signal): the checkpoint of that
-        step, one line, then TrainingStopped on every rank. A mid-run evaluation is not cut
-        short (the check comes after it). The final evaluation runs with the signal handlers
-        from before, as they are when this returns or raises: the run is complete by then, and
-        a signal ends it as one outside training would.
+        step, one line, then TrainingStopped on every rank. During an evaluation (mid-run or
+        final) a signal stops it before its next batch, with no results written: the
+        checkpoint of the step, one line, TrainingStopped. Another failure of a rank ends
+        every rank at once, the steps done kept in a checkpoint (_fail).
 
         exit_after_step: test hook; the process ends abruptly (os._exit(17), as if killed)
         right after that step and any checkpoint due at it; only rank exit_rank does if it
@@ -415,10 +424,7 @@ class Trainer:
                     batches = iter(self.loader)
                     while True:
                         wait_start = time.perf_counter()
-                        try:
-                            batch = next(batches, None)
-                        except DatasetError as error:
-                            raise self._keep_work(error, first_bad) from None
+                        batch = next(batches, None)
                         data_wait += time.perf_counter() - wait_start
                         if batch is None:
                             break
@@ -451,16 +457,22 @@ class Trainer:
                         if stop:
                             raise TrainingStopped(stop)
                         if evaluating:
-                            self._evaluate(events)
+                            self._evaluate(events, signals)
                             interval_start = time.perf_counter()  # not training time
                         if self.step == exit_after_step and exit_rank in (-1, self.rank):
                             sys.stdout.flush()
                             os._exit(17)
                         if last:
                             break
-            batches = None
-            self._end_workers()
-            metrics = self._evaluate(events)
+                batches = None
+                self._end_workers()
+                metrics = self._evaluate(events, signals)
+        except EvaluationStopped as stopped:
+            raise self._evaluation_stopped(stopped, first_bad) from None
+        except (TrainingStopped, NonFiniteLossError, ckpt.CheckpointError):
+            raise  # every rank raises these together
+        except Exception as error:  # any failure of this rank or of a peer
+            raise self._fail(error, first_bad) from error
         finally:
             batches = None
             self._end_workers()
@@ -469,21 +481,82 @@ class Trainer:
                 events.close()
         return TrainResult(self.step, metrics, last_checkpoint)
 
-    def _keep_work(self, error: DatasetError, first_bad: torch.Tensor) -> DatasetError:
-        """The error for a bad image (or annotation) met in the middle of a run, after the
-        steps done so far are saved: with one process, the checkpoint of this step is written
-        first (unless it is on disk already, or no step was taken), so that --resume continues
-        from here once the file is fixed. With several, the other ranks are blocked in their
-        next collective; they stop at its timeout, and the run keeps its last checkpoint."""
-        message = user_message(error)
-        if self.world_size > 1 or self.step == 0:
-            return DatasetError(message)
+    def _save_alone(self, first_bad: torch.Tensor) -> Path | None:
+        """Rank 0 writes the checkpoint of this step without any collective (the other ranks
+        may be gone) and returns its path, or the path if it is on disk already; None on the
+        other ranks, before the first step, or when a loss or parameter is not finite or the
+        write fails (the checkpoints before stay). Only where the model holds this step's
+        weights: between steps, or after a failed collective on the CPU."""
+        if not self.is_main or self.step == 0:
+            return None
         path = ckpt.checkpoint_path(self.output_dir, self.step)
-        if not path.exists():
+        if path.exists():
+            return path
+        if bool((first_bad >= 0).any()):
+            return None
+        try:
+            self._check_parameters_finite()
+            ckpt.save_atomic(self.state(), path)
+        except (NonFiniteLossError, ckpt.CheckpointError):
+            return None
+        self.log(f"checkpoint written to {path}")
+        return path
+
+    def _fail(self, error: Exception, first_bad: torch.Tensor) -> Exception:
+        """The error that ends this rank after `error`, once the steps done are kept.
+
+        Its own failure (not a failed collective) is published for the other ranks
+        (distributed.publish_failure). The checkpoint of this step is written by rank 0 when
+        the model is known to hold it: after a bad image (met between steps) and, on the CPU,
+        after a failed collective (every collective of a step precedes its update; on a GPU
+        the queued update may already have run, so the last checkpoint on disk stays).
+        Rank 0's message names the rank that failed first and its cause.
+        """
+        if self.world_size > 1 and threading.current_thread() is threading.main_thread():
+            # From here the process only ends. Under torchrun the first rank to end makes it
+            # send SIGTERM to the others, which must not cut rank 0's checkpoint or line short.
+            for number in STOP_SIGNALS:
+                signal.signal(number, signal.SIG_IGN)
+        collective_failed = isinstance(error, distributed.DistributedError)
+        message = user_message(error)
+        if not isinstance(error, (DatasetError, distributed.DistributedError)):
+            message = f"{type(error).__name__}: {message}"
+        if self.world_size == 1:
+            if not isinstance(error, DatasetError):
+                return error
             self._raise_if_bad(first_bad)
-            self.save_checkpoint()
-        return DatasetError(f"{message}; the {self.step} steps done are in {path}: fix or "
-                            "remove the file, then continue with --resume")
+            path = self._save_alone(first_bad)
+            return DatasetError(message if path is None else
+                                f"{message}; the {self.step} steps done are in {path}: fix or "
+                                "remove the file, then continue with --resume")
+        if not collective_failed:
+            distributed.publish_failure(message)
+        path = None
+        if isinstance(error, DatasetError) or (collective_failed and self.device.type == "cpu"):
+            path = self._save_alone(first_bad)
+        failed = distributed.first_failure()
+        if failed is not None:
+            message = f"rank {failed[0]} failed: {failed[1]}; stopping all ranks"
+        elif not collective_failed:
+            message = f"rank {self.rank}: {message}"
+        if path is not None:
+            message += f"; the {self.step} steps done are in {path}; continue with --resume"
+        return (DatasetError if isinstance(error, DatasetError)
+                else distributed.DistributedError)(message)
+
+    def _evaluation_stopped(self, stopped: EvaluationStopped,
+                            first_bad: torch.Tensor) -> TrainingStopped:
+        """After a signal during an evaluation: rank 0 keeps the checkpoint of this step and
+        prints one line; every rank then ends with TrainingStopped."""
+        name = signal.Signals(stopped.signal_number).name
+        with StopSignals():  # a second signal must not cut the checkpoint short
+            path = self._save_alone(first_bad)
+        self.log(f"received {name} during the evaluation at step {self.step}: stopped it, no "
+                 "results written"
+                 + (f"; checkpoint of step {self.step} in {path}; continue with --resume"
+                    if path is not None else ""))
+        sys.stdout.flush()
+        return TrainingStopped(stopped.signal_number)
 
     def _end_workers(self) -> None:
         """Ends the training loader's workers (call once no iterator of it is referenced).
@@ -497,8 +570,9 @@ class Trainer:
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
 
-    def _evaluate(self, events: EventWriter | None) -> dict[str, float]:
-        metrics = self.evaluate()
+    def _evaluate(self, events: EventWriter | None,
+                  signals: StopSignals | None = None) -> dict[str, float]:
+        metrics = self.evaluate(stop=None if signals is None else lambda: signals.received)
         if events is not None and metrics:
             events.scalars(self.step, metrics)
         return metrics
