@@ -34,7 +34,12 @@ from maskrcnn.engine.evaluate import (
 )
 from maskrcnn.engine.fallback import verify_kernels
 from maskrcnn.engine.step import autocast_dtype
-from maskrcnn.engine.trainer import load_model_state, resolve_device
+from maskrcnn.engine.trainer import (
+    StopSignals,
+    load_model_state,
+    resolve_device,
+    workers_ignore_stop_signals,
+)
 from maskrcnn.model.maskrcnn import build_model
 from maskrcnn.runtime import Runtime
 
@@ -87,14 +92,18 @@ def evaluate_checkpoint(process: distributed.Process) -> None:
     model = build_model(config, runtime)
     load_model_state(model, state["model"], FLAGS.checkpoint)
     model.to(process.device)
-    loader = build_eval_loader(config, build_dataset(config, coco, train=False),
-                               rank=process.rank, world_size=process.world_size)
+    loader = workers_ignore_stop_signals(build_eval_loader(
+        config, build_dataset(config, coco, train=False), rank=process.rank,
+        world_size=process.world_size))
     say(f"evaluating {FLAGS.checkpoint} (step {state['step']}) on {paths.val_json}"
         + (f" with {process.world_size} processes" if process.world_size > 1 else ""))
-    metrics = evaluate(model, loader, paths.val_json, coco.category_ids,
-                       Path(config.run.output_dir), process.device,
-                       autocast_dtype(config), per_category=FLAGS.per_category,
-                       coco_eval=config.run.coco_eval, log=say)
+    # SIGTERM or SIGINT stops the evaluation before its next batch, with nothing written.
+    with StopSignals() as signals:
+        metrics = evaluate(model, loader, paths.val_json, coco.category_ids,
+                           Path(config.run.output_dir), process.device,
+                           autocast_dtype(config), per_category=FLAGS.per_category,
+                           coco_eval=config.run.coco_eval, log=say,
+                           stop=lambda: signals.received)
     say(f"box AP {metrics['bbox/AP']:.3f}, mask AP {metrics['segm/AP']:.3f}")
 
 

@@ -19,12 +19,18 @@ publishes "rank R: cause" in the job's store (`publish_failure`) and ends. Its e
 Gloo connections (leaving the group does not while DDP holds it), so the others' next
 collective fails at once rather than at the timeout, and they read the cause from the store
 (`first_failure`); rank 0 prints the job's one line (`end_failed_job`). Under torchrun the
-store is the agent's and outlives every rank. NCCL does not notice a peer's end: its ranks
-still stop at the timeout (untested here).
+store is the agent's and outlives every rank. NCCL does not notice a peer's end (its kernels
+wait on the GPU until the timeout, while the host may be anywhere), so with NCCL each rank
+also runs a watcher thread (`watch_for_failures`) that polls the store and ends its process
+with the job's one line as soon as another rank has published a failure; the checkpoints
+written before stay on disk.
 """
 
 import os
 import re
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,6 +111,8 @@ def init(device: torch.device, timeout_s: float) -> Process:
         raise DistributedError(f"rank {rank}: joining the process group failed: "
                                f"{_summary(error)}") from None
     _store, _rank = dist.distributed_c10d._get_default_store(), rank
+    if device.type == "cuda":
+        watch_for_failures()
     return Process(rank, world_size, local_rank, device)
 
 
@@ -136,6 +144,33 @@ def first_failure() -> tuple[int, str] | None:
     except (RuntimeError, dist.DistError, ValueError):
         return None
     return int(rank), cause
+
+
+# How often the watcher reads the store: a peer's failure ends this rank within about this.
+WATCH_INTERVAL_S = 0.5
+
+
+def watch_for_failures(interval_s: float = WATCH_INTERVAL_S, end=os._exit) -> threading.Thread:
+    """Starts a daemon thread that, once another rank has published a failure, prints the
+    job's one line (rank 0; the others end silently, as with Gloo) and ends this process with
+    exit status 2 by `end` (tests pass another). For NCCL, whose ranks would otherwise wait
+    for the collective timeout: a hard end, since the main thread may be blocked in CUDA."""
+
+    def watch() -> None:
+        while True:
+            failed = first_failure()
+            if failed is not None and failed[0] != _rank:
+                if _rank == 0:
+                    print(f"error: rank {failed[0]} failed: {failed[1]}; stopping all ranks "
+                          "(the checkpoints written before are kept; continue with --resume)",
+                          file=sys.stderr, flush=True)
+                end(2)
+                return
+            time.sleep(interval_s)
+
+    thread = threading.Thread(target=watch, name="maskrcnn-failure-watcher", daemon=True)
+    thread.start()
+    return thread
 
 
 def rank() -> int:

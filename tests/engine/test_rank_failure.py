@@ -173,3 +173,66 @@ def test_sigterm_during_the_evaluation_stops_it_without_results(tmp_path, cache)
             in result.stdout.splitlines())
     assert not (tmp_path / "coco_results.json").exists()
     assert "box AP" not in result.stdout and "error:" not in result.stderr
+
+
+_WATCHED_RANK = """
+import os, sys, threading, time
+import torch
+from maskrcnn.engine import distributed
+distributed.init(torch.device("cpu"), 300)
+if distributed.rank() == 0:
+    distributed.watch_for_failures(interval_s=0.1)
+    threading.Event().wait(300)  # blocked, as an NCCL rank waiting on its GPU would be
+    sys.exit(0)
+distributed.publish_failure("cannot read image /data/broken.jpg")
+print("published", flush=True)
+threading.Event().wait(300)  # stays alive: only the store can tell rank 0
+"""
+
+
+def test_the_watcher_ends_a_blocked_rank_when_another_rank_failed(tmp_path):
+    """If this fails, an NCCL job (whose ranks do not notice a peer's end) waits for the
+    collective timeout after one rank failed, instead of ending every rank with one line
+    naming it; here rank 0 is blocked outside any collective, so only the watcher can end it."""
+    port = _free_port()
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", _WATCHED_RANK], cwd=REPO,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    try:
+        assert ranks[1].stdout.readline().strip() == "published"  # an event, not a sleep
+        published = time.monotonic()
+        _, stderr = ranks[0].communicate(timeout=HANG_LIMIT_S)
+        assert time.monotonic() - published < HANG_LIMIT_S
+        assert ranks[0].returncode == 2
+        assert stderr.strip().splitlines()[-1] == (
+            "error: rank 1 failed: cannot read image /data/broken.jpg; stopping all ranks "
+            "(the checkpoints written before are kept; continue with --resume)")
+    finally:
+        for process in ranks:
+            process.kill()
+            process.communicate()
+
+
+def test_sigterm_stops_maskrcnn_eval_between_batches_and_writes_nothing(tmp_path, cache):
+    """If this fails, `maskrcnn-eval` ignores SIGTERM until it has scored everything (a
+    preempted evaluation then runs on, or is killed mid-write), writes a partial results file,
+    or does not exit with the signal's status."""
+    run = tmp_path / "run"
+    trained = subprocess.run([sys.executable, "-m", "maskrcnn.train", *tiny_flags(
+        run, "solver { epochs: 1 images_per_epoch: 4 warmup_steps: 1 lr_decay_epochs: [1] }",
+        "data { synthetic { num_val: 24 } }")], cwd=REPO, env=_env(cache),
+        capture_output=True, text=True, timeout=HANG_LIMIT_S, check=False)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    out = tmp_path / "eval"
+    result, seconds = signal_once_started(
+        ["-m", "maskrcnn.eval", f"--checkpoint={run / 'checkpoints' / 'step_00000002.pt'}",
+         f"--output_dir={out}"], _env(cache),
+        lambda process: process.send_signal(signal.SIGTERM), started="evaluating ",
+        timeout_s=HANG_LIMIT_S)
+    assert result.returncode == 143, (seconds, result.stderr[-3000:])
+    assert result.stderr.strip().splitlines()[-1] == ("received SIGTERM: evaluation stopped, "
+                                                      "no results written")
+    assert not (out / "coco_results.json").exists() and "box AP" not in result.stdout
