@@ -50,8 +50,7 @@ from maskrcnn.config.flags import FLAGS, config_from_flags
 from maskrcnn.data.batch import Batch
 from maskrcnn.engine.fallback import verify_kernels
 from maskrcnn.engine.step import TrainStep
-from maskrcnn.engine.trainer import resolve_device
-from maskrcnn.runtime import KERNEL_OPS, Runtime
+from maskrcnn.runtime import KERNEL_OPS, Runtime, resolve_device
 
 BASELINES = ("none", "torchvision")
 flags.DEFINE_string("baseline", "none", "none, or torchvision: also time torchvision's Mask "

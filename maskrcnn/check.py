@@ -35,10 +35,9 @@ from maskrcnn.config.config_pb2 import FP32
 from maskrcnn.config.flags import FLAGS, config_from_flags
 from maskrcnn.engine.kernel_check import Comparison, Sizes, compare_op, first_line
 from maskrcnn.engine.step import model_inputs
-from maskrcnn.engine.trainer import resolve_device
 from maskrcnn.model.maskrcnn import build_model
 from maskrcnn.ops.boxes import box_iou
-from maskrcnn.runtime import Runtime
+from maskrcnn.runtime import Runtime, resolve_device
 
 flags.DEFINE_string("json_out", None, "Also write the table's rows as JSON to this file.")
 flags.DEFINE_integer("steps", 8, "CUDA only: training steps replayed as a CUDA graph against "

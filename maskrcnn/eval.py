@@ -37,11 +37,10 @@ from maskrcnn.engine.step import autocast_dtype
 from maskrcnn.engine.trainer import (
     StopSignals,
     load_model_state,
-    resolve_device,
     workers_ignore_stop_signals,
 )
 from maskrcnn.model.maskrcnn import build_model
-from maskrcnn.runtime import Runtime
+from maskrcnn.runtime import Runtime, resolve_device
 
 flags.DEFINE_bool("per_category", False, "Also print the AP of each category.")
 flags.DEFINE_string("results", None, "Score this COCO results file (a json list of "

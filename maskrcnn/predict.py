@@ -25,9 +25,9 @@ from maskrcnn.engine.predictions import (
     ground_truth_by_file,
     predict,
 )
-from maskrcnn.engine.trainer import load_model_state, resolve_device
+from maskrcnn.engine.trainer import load_model_state
 from maskrcnn.model.maskrcnn import build_model
-from maskrcnn.runtime import Runtime
+from maskrcnn.runtime import Runtime, resolve_device
 from maskrcnn.visualize import side_by_side, titled
 
 flags.DEFINE_multi_string("input", [], "An image file or a folder of images. Repeatable.")

@@ -137,3 +137,18 @@ def _triton_runs(device: torch.device) -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
     return device.type == "cuda" and default_method(device) == "triton"
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is the GPU when there is one, else the CPU.
+
+    On a GPU this also turns on cuDNN's autotuning (torch.backends.cudnn.benchmark): every
+    batch has one of the config's few canvas shapes, so each convolution's tuned algorithm is
+    chosen once and reused.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device

@@ -35,9 +35,8 @@ from maskrcnn.engine.trainer import (
     Trainer,
     TrainingStopped,
     fit_world_size,
-    resolve_device,
 )
-from maskrcnn.runtime import Runtime
+from maskrcnn.runtime import Runtime, resolve_device
 
 flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in the output dir.")
 flags.DEFINE_integer("debug_exit_after_step", 0, "Testing: end the process abruptly (as if "

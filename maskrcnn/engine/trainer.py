@@ -147,21 +147,6 @@ def user_message(error: Exception) -> str:
     return text
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' is the GPU when there is one, else the CPU.
-
-    On a GPU this also turns on cuDNN's autotuning (torch.backends.cudnn.benchmark): every
-    batch has one of the config's few canvas shapes, so each convolution's tuned algorithm is
-    chosen once and reused.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    return device
-
-
 def peak_memory_mib(device: torch.device) -> float:
     """Peak GPU memory allocated by tensors, or the process's peak resident memory on a CPU."""
     if device.type == "cuda":
@@ -236,7 +221,7 @@ class Trainer:
         self.schedule = make_schedule(config, len(dataset), self.sampler.steps_per_epoch)
 
         self.runtime = (runtime if runtime is not None
-                        else Runtime.for_device(device, rank, world_size))
+                        else Runtime.for_config(config, device, rank, world_size))
         self.train_step = TrainStep(config, device, self.schedule, self.runtime)
         self.step = 0
 
