@@ -3,7 +3,7 @@
 A CPU has no CUDA graph, so these tests pass GraphedStep a recorder that does what a capture
 does to the program's state: it runs nothing when "capturing", and each replay runs the
 function on the static input buffers it was captured with, writing the same static output
-tensor. On a GPU, tools/gpu_check.py compares real replays with eager steps.
+tensor. On a GPU, maskrcnn-check compares real replays with eager steps.
 """
 
 import torch

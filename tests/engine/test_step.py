@@ -18,7 +18,7 @@ from tests.tiny import TINY
 
 
 def test_trainer_and_benchmark_build_the_same_step(tmp_path, cache):
-    """If this fails, the benchmark (and tools/gpu_check.py, which calls bench_step) times a
+    """If this fails, the benchmark (and maskrcnn-check, which calls bench_step) times a
     step built differently from the one training runs: another class, a subclass with
     copied set-up lines, or a step that cannot be built without a dataset."""
     for module in pkgutil.walk_packages(maskrcnn.__path__, "maskrcnn."):
