@@ -21,7 +21,8 @@ from maskrcnn.engine import distributed
 from maskrcnn.engine.checkpoint import CheckpointError
 from maskrcnn.engine.distributed import DistributedError
 from maskrcnn.engine.evaluate import EvaluationStopped
-from maskrcnn.engine.trainer import NonFiniteLossError, TrainingStopped, user_message
+from maskrcnn.engine.hooks import NonFiniteLossError, TrainingStopped
+from maskrcnn.engine.trainer import user_message
 
 
 def run_command(main: Callable[[], None]) -> None:

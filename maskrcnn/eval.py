@@ -26,19 +26,15 @@ from maskrcnn.engine import checkpoint as ckpt
 from maskrcnn.engine import distributed
 from maskrcnn.engine.evaluate import (
     IOU_TYPES,
+    Evaluator,
     coco_api,
-    evaluate,
     load_ground_truth,
     read_results,
     score,
 )
 from maskrcnn.engine.fallback import verify_kernels
+from maskrcnn.engine.hooks import StopSignals, workers_ignore_stop_signals
 from maskrcnn.engine.step import autocast_dtype
-from maskrcnn.engine.trainer import (
-    StopSignals,
-    load_model_state,
-    workers_ignore_stop_signals,
-)
 from maskrcnn.model.maskrcnn import build_model
 from maskrcnn.runtime import Runtime, resolve_device
 
@@ -89,20 +85,20 @@ def evaluate_checkpoint(process: distributed.Process) -> None:
                                                 process.world_size), process.device)
     say(f"on {process.device}: {runtime.describe()}")
     model = build_model(config, runtime)
-    load_model_state(model, state["model"], FLAGS.checkpoint)
+    ckpt.load_model_state(model, state["model"], FLAGS.checkpoint)
     model.to(process.device)
     loader = workers_ignore_stop_signals(build_eval_loader(
         config, build_dataset(config, coco, train=False), rank=process.rank,
         world_size=process.world_size))
+    evaluator = Evaluator(model, loader, coco, Path(config.run.output_dir), process.device,
+                          autocast_dtype=autocast_dtype(config),
+                          per_category=FLAGS.per_category, coco_eval=config.run.coco_eval,
+                          log=say)
     say(f"evaluating {FLAGS.checkpoint} (step {state['step']}) on {paths.val_json}"
         + (f" with {process.world_size} processes" if process.world_size > 1 else ""))
     # SIGTERM or SIGINT stops the evaluation before its next batch, with nothing written.
     with StopSignals() as signals:
-        metrics = evaluate(model, loader, paths.val_json, coco.category_ids,
-                           Path(config.run.output_dir), process.device,
-                           autocast_dtype(config), per_category=FLAGS.per_category,
-                           coco_eval=config.run.coco_eval, log=say,
-                           stop=lambda: signals.received)
+        metrics = evaluator(stop=lambda: signals.received)
     say(f"box AP {metrics['bbox/AP']:.3f}, mask AP {metrics['segm/AP']:.3f}")
 
 

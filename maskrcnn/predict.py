@@ -25,7 +25,6 @@ from maskrcnn.engine.predictions import (
     ground_truth_by_file,
     predict,
 )
-from maskrcnn.engine.trainer import load_model_state
 from maskrcnn.model.maskrcnn import build_model
 from maskrcnn.runtime import Runtime, resolve_device
 from maskrcnn.visualize import side_by_side, titled
@@ -60,7 +59,7 @@ def main() -> None:
     runtime = verify_kernels(Runtime.for_config(config, device), device)
     print(f"on {device}: {runtime.describe()}")
     model = build_model(config, runtime)
-    load_model_state(model, state["model"], FLAGS.checkpoint)
+    ckpt.load_model_state(model, state["model"], FLAGS.checkpoint)
     model.to(device)
     paths = find_images(FLAGS.input)
     category_ids, class_names = state["category_ids"], state["class_names"]

@@ -11,7 +11,8 @@ run with one line (CheckpointError).
 Reading checks the file first: torch.save writes a zip archive with a CRC32 of every record,
 which torch.load does not verify (a garbled tensor loads as different numbers), so `load`
 verifies them. `load_latest` is what --resume reads: the newest checkpoint that can be read,
-saying which newer ones it skipped and why.
+saying which newer ones it skipped and why. `load_model_state` puts a checkpoint's weights
+into a model (eval, predict), or stops with one line when they do not fit.
 """
 
 import os
@@ -25,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from maskrcnn.config import Config, to_text
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -159,6 +162,25 @@ def load_latest(output_dir: Path, log: Callable[[str], None]) -> tuple[Path, dic
             "(each named above); stopping rather than training from scratch over them (move "
             "them away to start again)")
     return None
+
+
+def load_model_state(model: torch.nn.Module, weights: dict, source) -> None:
+    """Loads a checkpoint's model weights (its state["model"]) into model (not wrapped in
+    DDP or torch.compile), or stops with one line naming the checkpoint (source)."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {source} does not fit this config's model: "
+                              f"{str(error).splitlines()[1].strip()}") from None
+
+
+def written_with(state: dict[str, Any], config: Config) -> bool:
+    """Whether the checkpoint was written with this config, but for run.num_gpus (the number
+    of processes that wrote it, state["world_size"], which may differ from this run's)."""
+    fitted = Config()
+    fitted.CopyFrom(config)
+    fitted.run.num_gpus = state["world_size"]
+    return state["config"] == to_text(fitted)
 
 
 def rng_states() -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """COCO evaluation: batched inference, results in COCO format, scoring with pycocotools.
 
+`evaluate` scores a model on a loader's images; an `Evaluator` keeps a model, its val split and
+that split's loader (built once) for the evaluations of a run.
+
 Shape legend: N images per batch, D detections per image, M mask side, H x W an image's size
 as stored on disk.
 """
@@ -22,8 +25,15 @@ from pycocotools.cocoeval import COCOeval
 from maskrcnn.config import ConfigError
 from maskrcnn.config.config_pb2 import FASTER_COCO_EVAL, PYCOCOTOOLS
 from maskrcnn.data.batch import Batch
-from maskrcnn.data.coco import DatasetError, is_number, read_annotations, rle_string_counts
+from maskrcnn.data.coco import (
+    CocoDataset,
+    DatasetError,
+    is_number,
+    read_annotations,
+    rle_string_counts,
+)
 from maskrcnn.engine import distributed
+from maskrcnn.engine.hooks import end_workers
 from maskrcnn.ops.paste_masks import paste_masks
 
 IOU_TYPES = ("bbox", "segm")
@@ -335,3 +345,35 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Batch], gt_json: Path,
     metrics = score(load_ground_truth(gt_json, api), results, IOU_TYPES, image_ids, api,
                     per_category, log)
     return distributed.broadcast_from_main(metrics, "sending the metrics from rank 0")
+
+
+class Evaluator:
+    """Scores a model on a val split (evaluate), each call on the same loader.
+
+    Args:
+        model: the model to score (the MaskRCNN itself, not a DDP or compiled wrapper); it is
+            put in eval mode during a call and back after.
+        loader: this rank's shard of the split (data/loader.py: build_eval_loader); its
+            workers are ended after each call (they may ignore SIGTERM,
+            hooks.workers_ignore_stop_signals, and must not outlive the evaluation).
+        coco: the split (its json is the ground truth, its category ids the results').
+        output_dir, device, autocast_dtype, per_category, coco_eval, log: as evaluate()'s.
+    """
+
+    def __init__(self, model: torch.nn.Module, loader: Iterable[Batch], coco: CocoDataset,
+                 output_dir: Path | None, device: torch.device, *,
+                 autocast_dtype: torch.dtype | None = None, per_category: bool = False,
+                 coco_eval: int = PYCOCOTOOLS, log=print):
+        self.model, self.loader, self.coco = model, loader, coco
+        self.output_dir, self.device, self.autocast_dtype = output_dir, device, autocast_dtype
+        self.per_category, self.coco_eval, self.log = per_category, coco_eval, log
+
+    def __call__(self, stop: Callable[[], int] | None = None) -> dict[str, float]:
+        """{"bbox/AP": ..., ...} on every rank; stop: as evaluate()'s (EvaluationStopped)."""
+        try:
+            return evaluate(self.model, self.loader, self.coco.json_path,
+                            self.coco.category_ids, self.output_dir, self.device,
+                            self.autocast_dtype, self.per_category, self.coco_eval, self.log,
+                            stop)
+        finally:
+            end_workers(self.loader)

@@ -32,9 +32,9 @@ from maskrcnn.data.loader import (
 from maskrcnn.engine import checkpoint as ckpt
 from maskrcnn.engine import distributed
 from maskrcnn.engine.evaluate import evaluate
-from maskrcnn.engine.trainer import Trainer
 from maskrcnn.model.maskrcnn import build_model
 from maskrcnn.model.sampling import global_batch_keys, uniform_keys
+from maskrcnn.train import build_trainer
 from tests.engine.signalling import signal_once_started
 from tests.tiny import REPO, TINY, tiny_flags
 
@@ -75,6 +75,10 @@ def _join(rank: int, port: int, timeout_s: float) -> distributed.Process:
     return distributed.init(torch.device("cpu"), timeout_s)
 
 
+def _one_cpu_process() -> distributed.Process:
+    return distributed.Process(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
 def _config(output_dir: Path, images_per_gpu: int):
     return load_config("shapes", [*TINY, EQUIVALENCE, f"run {{ output_dir: '{output_dir}' "
                                   f"images_per_gpu: {images_per_gpu} }}"])
@@ -86,10 +90,9 @@ def _two_rank_worker(rank: int, ports: tuple[int, int], out: Path, cache: Path) 
     timeout, rank 1 hangs (outside any collective) until rank 0's all-reduce has timed out
     and its error is in out/error.txt."""
     os.environ["MASKRCNN_CACHE"] = str(cache)
-    _join(rank, ports[0], TIMEOUT_S)
+    process = _join(rank, ports[0], TIMEOUT_S)
     try:
-        trainer = Trainer(_config(out, M), torch.device("cpu"), rank=rank, world_size=2,
-                          log=lambda text: None)
+        trainer = build_trainer(_config(out, M), process, log=lambda text: None)
         trainer.sampler.set_epoch(0)
         batches = iter(trainer.loader)
         means = []
@@ -143,8 +146,8 @@ def one_process(tmp_path_factory, cache):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each worker
     try:
-        trainer = Trainer(_config(tmp_path_factory.mktemp("one_process"), 2 * M),
-                          torch.device("cpu"), log=lambda text: None)
+        trainer = build_trainer(_config(tmp_path_factory.mktemp("one_process"), 2 * M),
+                                _one_cpu_process(), log=lambda text: None)
         trainer.sampler.set_epoch(0)
         batches = iter(trainer.loader)
         losses = torch.stack([trainer.train_step(next(batches)) for _ in range(STEPS)])
@@ -162,7 +165,7 @@ def test_two_processes_train_like_one_process_with_the_global_batch(two_ranks, o
     trainer, losses = one_process
     torch.testing.assert_close(ranks[0]["means"], losses, rtol=1e-5, atol=1e-6)
     reference = trainer.model.state_dict()
-    torch.manual_seed(trainer.config.run.seed)  # as Trainer does before building the model
+    torch.manual_seed(trainer.config.run.seed)  # as build_trainer does before the model
     initial = build_model(trainer.config).state_dict()
     moved = 0
     for name, value in ranks[0]["params"].items():
@@ -348,7 +351,8 @@ def test_an_epoch_shorter_than_the_global_batch_is_one_line(tmp_path, cache):
                                     "solver { images_per_epoch: 6 }"])
     with pytest.raises(ConfigError, match=r"an epoch of 6 images \(solver.images_per_epoch.* "
                        r"one global batch of 8 \(run.images_per_gpu 2 x 4 processes\)"):
-        Trainer(config, torch.device("cpu"), rank=0, world_size=4, log=lambda text: None)
+        build_trainer(config, distributed.Process(0, 4, 0, torch.device("cpu")),
+                      log=lambda text: None)
 
 
 def test_one_gpu_for_every_process_is_refused(monkeypatch):

@@ -21,7 +21,7 @@ from maskrcnn.data.loader import build_dataset, build_train_loader, read_coco, r
 from maskrcnn.engine import checkpoint as ckpt
 from maskrcnn.engine import distributed
 from maskrcnn.engine.step import unwrap
-from maskrcnn.engine.trainer import Trainer
+from maskrcnn.train import build_trainer
 from tests.engine.signalling import signal_once_started
 from tests.tiny import REPO, TINY, tiny_flags
 
@@ -103,10 +103,9 @@ def _failing_rank_worker(rank: int, port: int, out: Path, cache: Path) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MASKRCNN_CACHE=str(cache))
     torch.set_num_threads(1)
-    distributed.init(torch.device("cpu"), COLLECTIVE_TIMEOUT_S)
+    process = distributed.init(torch.device("cpu"), COLLECTIVE_TIMEOUT_S)
     config = load_config("shapes", [*TINY, *RUN, f"run {{ output_dir: '{out}' }}"])
-    trainer = Trainer(config, torch.device("cpu"), rank=rank, world_size=2,
-                      log=lambda text: None)
+    trainer = build_trainer(config, process, log=lambda text: None)
     if rank == 1:  # the model's forward, inside DDP's, raises in the third step
         model = unwrap(trainer.model)
         forward = model.forward

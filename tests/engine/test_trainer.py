@@ -11,7 +11,10 @@ import torch
 
 from maskrcnn.config import load_config
 from maskrcnn.engine import checkpoint as ckpt
-from maskrcnn.engine.trainer import STOP_SIGNALS, NonFiniteLossError, Trainer, TrainingStopped
+from maskrcnn.engine.distributed import Process
+from maskrcnn.engine.hooks import STOP_SIGNALS, NonFiniteLossError, TrainingStopped
+from maskrcnn.engine.trainer import Trainer
+from maskrcnn.train import build_trainer
 from tests.engine.event_files import read_scalars
 from tests.engine.signalling import signal_once_started
 from tests.tiny import REPO, TINY, run_module, tiny_flags
@@ -22,6 +25,7 @@ SCHEDULE = "solver { epochs: 12 images_per_epoch: 4 warmup_steps: 2 lr_decay_epo
 FINAL = "step_00000024.pt"
 # In-process runs: 1 epoch of 2 steps.
 SHORT = "solver { epochs: 1 images_per_epoch: 4 warmup_steps: 1 lr_decay_epochs: [1] }"
+CPU = Process(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def _states_equal(a: dict, b: dict) -> None:
@@ -121,7 +125,7 @@ def outer_handlers():
 
 def _short_trainer(output_dir, lines: list[str]) -> Trainer:
     config = load_config("shapes", [*TINY, SHORT, f"run {{ output_dir: '{output_dir}' }}"])
-    return Trainer(config, torch.device("cpu"), log=lines.append)
+    return build_trainer(config, CPU, log=lines.append)
 
 
 def _signal_in_step(trainer: Trainer, step: int, number: int) -> None:
@@ -186,7 +190,7 @@ def test_data_loader_workers_outlive_stop_signals(tmp_path, cache):
     steps the ranks still take before they agree to stop fail for want of data."""
     config = load_config("shapes", [*TINY, SHORT, f"run {{ output_dir: '{tmp_path}' }}",
                                     "data { num_workers: 1 }"])
-    trainer = Trainer(config, torch.device("cpu"), log=lambda text: None)
+    trainer = build_trainer(config, CPU, log=lambda text: None)
     trainer.sampler.set_epoch(0)
     batches = iter(trainer.loader)
     next(batches)
@@ -203,7 +207,7 @@ def test_non_finite_loss_stops_naming_the_term_and_keeps_the_last_checkpoint(tmp
     from NaN parameters."""
     config = load_config("shapes", [*TINY, SCHEDULE, f"run {{ output_dir: '{tmp_path}' "
                                     "checkpoint_period_steps: 2 }"])
-    trainer = Trainer(config, torch.device("cpu"), log=lambda text: None)
+    trainer = build_trainer(config, CPU, log=lambda text: None)
     model = trainer.model
 
     def forward(*inputs):
@@ -226,7 +230,7 @@ def test_training_step_in_each_precision_and_layout(tmp_path, cache, run):
     """If this fails, a precision or memory-format option breaks the training step (a dtype
     mismatch under autocast, the fp16 loss scaler, channels_last inputs)."""
     config = load_config("shapes", [*TINY, f"run {{ output_dir: '{tmp_path}' {run} }}"])
-    trainer = Trainer(config, torch.device("cpu"), log=lambda text: None)
+    trainer = build_trainer(config, CPU, log=lambda text: None)
     before = [p.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
     trainer.sampler.set_epoch(0)
     batch = next(iter(trainer.loader))
@@ -250,11 +254,13 @@ def test_a_script_that_keeps_its_trainer_exits(tmp_path, cache):
     script = (
         "import torch\n"
         "from maskrcnn.config import load_config\n"
-        "from maskrcnn.engine.trainer import Trainer\n"
+        "from maskrcnn.engine.distributed import Process\n"
+        "from maskrcnn.train import build_trainer\n"
         "from tests.tiny import TINY\n"
         f"config = load_config('shapes', [*TINY, {SHORT!r}, 'data {{ num_workers: 2 }}',"
         f" \"run {{ output_dir: '{tmp_path}' }}\"])\n"
-        "trainer = Trainer(config, torch.device('cpu'), log=lambda text: None)\n"
+        "process = Process(0, 1, 0, torch.device('cpu'))\n"
+        "trainer = build_trainer(config, process, log=lambda text: None)\n"
         "trainer.train()\n"
         "print('trained')\n")
     env = {**os.environ, "MASKRCNN_CACHE": str(cache), "CUDA_VISIBLE_DEVICES": ""}
