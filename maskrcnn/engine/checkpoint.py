@@ -11,8 +11,11 @@ run with one line (CheckpointError).
 Reading checks the file first: torch.save writes a zip archive with a CRC32 of every record,
 which torch.load does not verify (a garbled tensor loads as different numbers), so `load`
 verifies them. `load_latest` is what --resume reads: the newest checkpoint that can be read,
-saying which newer ones it skipped and why. `load_model_state` puts a checkpoint's weights
-into a model (eval, predict), or stops with one line when they do not fit.
+saying which newer ones it skipped and why (`load_latest_on_rank_0` for every rank of a job).
+
+`training_state` is what the trainer writes; `restore_training_state` puts it back into a
+TrainStep (also at another global batch); `load_model_state` puts a checkpoint's weights into
+a model (eval, predict). Each stops with one line when the checkpoint does not fit.
 """
 
 import os
@@ -20,7 +23,7 @@ import pickle
 import random
 import re
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,8 @@ import numpy as np
 import torch
 
 from maskrcnn.config import Config, to_text
+from maskrcnn.engine import distributed
+from maskrcnn.engine.step import TrainStep, unwrap
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -162,6 +167,78 @@ def load_latest(output_dir: Path, log: Callable[[str], None]) -> tuple[Path, dic
             "(each named above); stopping rather than training from scratch over them (move "
             "them away to start again)")
     return None
+
+
+def load_latest_on_rank_0(output_dir: Path, log: Callable[[str], None]
+                          ) -> tuple[Path, dict] | None:
+    """load_latest on rank 0, sent to every rank (so only rank 0's node needs output_dir);
+    its CheckpointError, if any, is raised on every rank. Every rank calls this."""
+    found: tuple[Path, dict] | str | None = None
+    if distributed.rank() == 0:
+        try:
+            found = load_latest(output_dir, log)
+        except CheckpointError as error:
+            found = str(error)
+    found = distributed.broadcast_from_main(found, "sending the checkpoint from rank 0")
+    if isinstance(found, str):
+        raise CheckpointError(found)
+    return found
+
+
+def training_state(train_step: TrainStep, step: int, world_size: int,
+                   category_ids: Sequence[int], class_names: Sequence[str]) -> dict[str, Any]:
+    """What a checkpoint of a run at `step` (steps done) holds; see restore_training_state."""
+    schedule = train_step.schedule
+    return {
+        "model": unwrap(train_step.model).state_dict(),
+        "optimizer": train_step.optimizer.state_dict(),
+        "lr": train_step.lr.state_dict(),
+        "scaler": train_step.scaler.state_dict(),
+        "step": step,
+        "epoch": schedule.epoch_of(step),
+        # What a run with another number of processes needs to find its place (resume).
+        "world_size": world_size,
+        "global_batch": schedule.global_batch,
+        "steps_per_epoch": schedule.steps_per_epoch,
+        "rng": rng_states(),
+        "config": to_text(train_step.config),
+        "category_ids": list(category_ids),
+        "class_names": list(class_names),
+    }
+
+
+def restore_training_state(train_step: TrainStep, state: dict[str, Any], path: Path,
+                           log: Callable[[str], None]) -> int:
+    """Puts a checkpoint's model, momentum, loss scaler and RNG states into train_step and
+    returns the step of train_step's schedule to continue from: the checkpoint's with the
+    same global batch; with another (another number of processes), the same epoch and, within
+    it, as many whole global batches as the images the checkpoint had seen in it fill (a
+    line says so). The LR follows train_step's schedule from there (its base LR). A config
+    that differs from the checkpoint's is a warning; a checkpoint that does not fit the
+    model, CheckpointError."""
+    schedule = train_step.schedule
+    try:
+        unwrap(train_step.model).load_state_dict(state["model"])
+        train_step.optimizer.load_state_dict(state["optimizer"])
+        train_step.scaler.load_state_dict(state["scaler"])
+        same_batch = state["global_batch"] == schedule.global_batch
+        step = (state["step"] if same_batch else
+                schedule.equivalent_step(state["step"], state["global_batch"],
+                                         state["steps_per_epoch"]))
+        train_step.lr.set_step(step)
+        same_config = written_with(state, train_step.config)
+    except (KeyError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path} does not fit this config: "
+                              f"{str(error).splitlines()[0]}") from None
+    set_rng_states(state["rng"])
+    if not same_config:
+        log(f"warning: the config differs from the one {path} was written with")
+    if not same_batch:
+        log(f"{path} was written at step {state['step']} of global batch "
+            f"{state['global_batch']} ({state['world_size']} process(es)); this run has "
+            f"global batch {schedule.global_batch}: continuing at step {step}, "
+            f"LR {train_step.lr.current():.3g}")
+    return step
 
 
 def load_model_state(model: torch.nn.Module, weights: dict, source) -> None:

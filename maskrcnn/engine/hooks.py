@@ -165,9 +165,9 @@ class LogLines(Hook):
         schedule = trainer.schedule
         trainer.log(f"training {schedule.total_steps} steps of {schedule.global_batch} images "
                     f"({schedule.total_steps // schedule.steps_per_epoch} epochs of "
-                    f"{schedule.steps_per_epoch} steps), base LR {schedule.base_lr:g}, on {trainer.device}"
-                    + (f" in each of {trainer.world_size} processes"
-                       if trainer.world_size > 1 else ""))
+                    f"{schedule.steps_per_epoch} steps), base LR {schedule.base_lr:g}, "
+                    f"on {trainer.device}" + (f" in each of {trainer.world_size} processes"
+                                              if trainer.world_size > 1 else ""))
         if trainer.is_main:
             self.events = EventWriter(trainer.output_dir / "events")
         self._start(trainer)

@@ -1,23 +1,19 @@
 """The training loop: the TrainStep over the batches, then each hook in turn (engine/hooks.py).
 
-One step moves the batch to the device and runs the TrainStep (engine/step.py). Its losses
-stay on the device: hooks.LossSums sums them and notes a non-finite one, which stops the run
-at the next log line or checkpoint, whichever comes first (so the last checkpoint on disk is
-always a good one). Everything else is a hook's: log lines and events, the progress bar, stop
-signals, checkpoints, evaluation. The Trainer holds what they share: the step count, the
-checkpoints (state, save_checkpoint, resume) and what a failure does. It is given its parts,
-built once by the command (train.py: build_trainer), and builds none of them. With several
-processes (engine/distributed.py) every rank runs this loop on its slice of each global batch,
-and every check that stops the run is agreed on by all ranks, so that they stop together.
+One step moves the batch to the device and runs the TrainStep (engine/step.py); its losses stay
+on the device (hooks.LossSums). Everything else is a hook's: log lines and events, the progress
+bar, stop signals, checkpoints, evaluation. The Trainer holds what they share: the step count,
+the checkpoints (state, save_checkpoint, resume) and what a failure does. It is given its
+parts, built once by the command (train.py: build_trainer), and builds none of them. With
+several processes (engine/distributed.py) each rank runs this loop on its slice of every global
+batch, and every check that stops the run is agreed by all ranks, so that they stop together.
 
-Faults (the commands turn each into one line and an exit status, cli.py):
-- SIGTERM or SIGINT while training: the checkpoint of the step, one line, TrainingStopped
-  (hooks.StopOnSignal); during an evaluation: it stops before its next batch, no results
-  written, the checkpoint of the step, one line, TrainingStopped (_evaluation_stopped).
-- A checkpoint that cannot be written: CheckpointError on every rank, the ones before intact.
-- A rank that fails on its own (a corrupt image, an out-of-memory error, a failed kernel)
-  makes every rank stop at once, rank 0 keeping the steps done (_fail): "rank 1 failed:
-  <cause>; stopping all ranks; the 37 steps done are in PATH; continue with --resume".
+Faults (the commands turn each into one line and an exit status, cli.py): SIGTERM or SIGINT
+while training stops after the step with its checkpoint (hooks.StopOnSignal), during an
+evaluation before its next batch (_evaluation_stopped); a non-finite loss stops the run before
+any checkpoint of it, so the last one on disk is a good one; a checkpoint that cannot be written
+stops every rank (CheckpointError); a rank that fails on its own (a corrupt image, an
+out-of-memory error) stops every rank at once, rank 0 keeping the steps done (_fail).
 """
 
 import signal
@@ -32,7 +28,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from maskrcnn.config import to_text
 from maskrcnn.data.batch import Batch
 from maskrcnn.data.coco import CocoDataset, DatasetError
 from maskrcnn.engine import checkpoint as ckpt
@@ -69,19 +64,13 @@ class TrainResult:
 class Trainer:
     """One training process's loop. Rank 0 logs and writes checkpoints.
 
-    Args:
-        step: the TrainStep (its config, device, schedule and runtime: rank, world size).
-        loader: this rank's training loader; its batch_sampler is the `sampler` whose epoch
-            the loop sets.
-        hooks: what runs after each step, in order (engine/hooks.py); the trainer's own
-            LossSums (`losses`) runs first.
-        train_coco: the training set (its classes go into every checkpoint).
-        evaluator: the val split's Evaluator (engine/evaluate.py), or None without one.
-        log: prints a line (rank 0 only); default: beside the progress bar.
-
-    What the hooks read: step (the steps done), step_losses (the last step's float32[5]),
-    data_wait_s (seconds spent waiting for batches), paused_s (seconds of mid-run
-    evaluations); and what they set: metrics (the final evaluation's).
+    step: the TrainStep (its config, device, schedule, and runtime: rank, world size);
+    loader: this rank's training loader (its batch_sampler: `sampler`); hooks: what runs after
+    each step, in order, after the trainer's own LossSums (`losses`); train_coco: the training
+    set (its classes go into every checkpoint); evaluator: the val split's, or None; log:
+    prints a line (rank 0 only; default: beside the progress bar). The hooks read step (steps
+    done), step_losses (the last step's float32[5]), data_wait_s (seconds spent waiting for
+    batches), paused_s (seconds of mid-run evaluations), and set metrics (the final ones).
     """
 
     def __init__(self, step: TrainStep, loader: DataLoader, hooks: Sequence[Hook], *,
@@ -117,15 +106,10 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def train(self) -> TrainResult:
-        """Trains to the end of the schedule from self.step (0, or where resume left off),
-        then the hooks' after_train (the final evaluation); resumed at the end of the
-        schedule (a run stopped after its last step), it only does the latter.
-
-        A hook's TrainingStopped, NonFiniteLossError or CheckpointError (every rank raises
-        them together) ends the run as it is. A signal during an evaluation stops it with the
-        checkpoint of the step and one line (TrainingStopped); another failure of a rank ends
-        every rank at once, the steps done kept in a checkpoint (_fail).
-        """
+        """Trains from self.step (0, or where resume left off) to the end of the schedule,
+        then runs the hooks' after_train (the final evaluation: all a run resumed at its end
+        does). TrainingStopped, NonFiniteLossError and CheckpointError, which every rank
+        raises together, end the run as they are; any other error goes through _fail."""
         try:
             try:
                 for hook in self.hooks:
@@ -169,33 +153,15 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
 
     def state(self) -> dict:
-        step = self.train_step
-        return {
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": step.optimizer.state_dict(),
-            "lr": step.lr.state_dict(),
-            "scaler": step.scaler.state_dict(),
-            "step": self.step,
-            "epoch": self.schedule.epoch_of(self.step),
-            # What a run with another number of processes needs to find its place (resume).
-            "world_size": self.world_size,
-            "global_batch": self.schedule.global_batch,
-            "steps_per_epoch": self.schedule.steps_per_epoch,
-            "rng": ckpt.rng_states(),
-            "config": to_text(self.config),
-            "category_ids": list(self.train_coco.category_ids),
-            "class_names": list(self.train_coco.class_names),
-        }
+        return ckpt.training_state(self.train_step, self.step, self.world_size,
+                                   self.train_coco.category_ids, self.train_coco.class_names)
 
     def save_checkpoint(self, stop_signal: int = 0) -> Path | None:
-        """Rank 0 writes the checkpoint of this step (and returns its path; None on the other
-        ranks). Every rank returns once it is written, or raises the CheckpointError of a
-        failed write, so that all stop together with its line (rather than the others failing
-        at their next collective, naming only a lost peer).
-
-        stop_signal: the signal the run stops on after this checkpoint; its line replaces
-        "checkpoint written to", and is out (flushed) before any other rank can end.
-        """
+        """Rank 0 writes the checkpoint of this step and returns its path (None on the other
+        ranks), after checking every loss and parameter is finite. Every rank returns once it
+        is written, or raises the CheckpointError of a failed write, so that all stop together
+        with its line. stop_signal: the signal the run stops on after it; its line replaces
+        "checkpoint written to", and is out (flushed) before any other rank can end."""
         self.losses.check()  # on every rank, so that all stop together
         self._check_parameters_finite()
         path, error = None, None
@@ -220,56 +186,16 @@ class Trainer:
 
     def resume(self) -> Path | None:
         """Continues from the newest readable checkpoint in the output dir and returns its
-        path; None (and nothing changes) when there is no checkpoint. Every rank calls this;
-        rank 0 reads the file and sends it to the others, so only its node needs the output
-        dir. Unreadable newer checkpoints are skipped with a line each; when none can be
-        read, every rank raises that CheckpointError (checkpoint.load_latest).
-
-        With the global batch the checkpoint was written at, the run continues exactly. With
-        another one (another number of processes), it continues at the same epoch and, within
-        it, after as many whole global batches as the images the checkpoint had seen in that
-        epoch fill; the LR follows this run's schedule from there (base LR for this global
-        batch), and model, momentum, loss scaler and RNG states carry over.
-        """
-        found: tuple[Path, dict] | str | None = None
-        if self.is_main:
-            try:
-                found = ckpt.load_latest(self.output_dir, self.log)
-            except ckpt.CheckpointError as error:
-                found = str(error)
-        found = distributed.broadcast_from_main(found, "sending the checkpoint from rank 0")
-        if isinstance(found, str):
-            raise ckpt.CheckpointError(found)
+        path; None (and nothing changes) when there is none. Every rank calls this (see
+        checkpoint.load_latest_on_rank_0 and restore_training_state: with another global
+        batch the run continues at the same epoch, at the images the checkpoint had seen)."""
+        found = ckpt.load_latest_on_rank_0(self.output_dir, self.log)
         if found is None:
             return None
         path, state = found
-        schedule = self.schedule
-        try:
-            unwrap(self.model).load_state_dict(state["model"])
-            self.train_step.optimizer.load_state_dict(state["optimizer"])
-            self.train_step.scaler.load_state_dict(state["scaler"])
-            same_batch = state["global_batch"] == schedule.global_batch
-            if same_batch:
-                self.step = state["step"]
-            else:
-                self.step = schedule.equivalent_step(state["step"], state["global_batch"],
-                                                     state["steps_per_epoch"])
-            # The LR follows this run's schedule from its step (its base LR for this batch).
-            self.train_step.lr.set_step(self.step)
-            saved_world = state["world_size"]
-        except (KeyError, RuntimeError, ValueError) as error:
-            raise ckpt.CheckpointError(f"checkpoint {path} does not fit this config: "
-                                       f"{str(error).splitlines()[0]}") from None
-        ckpt.set_rng_states(state["rng"])
-        if not ckpt.written_with(state, self.config):
-            self.log(f"warning: the config differs from the one {path} was written with")
-        if not same_batch:
-            self.log(f"{path} was written at step {state['step']} of global batch "
-                     f"{state['global_batch']} ({saved_world} process(es)); this run has "
-                     f"global batch {schedule.global_batch}: continuing at step {self.step}, "
-                     f"LR {self.train_step.lr.current():.3g}")
+        self.step = ckpt.restore_training_state(self.train_step, state, path, self.log)
         self.log(f"resumed from {path} at step {self.step} (epoch "
-                 f"{schedule.epoch_of(self.step)})")
+                 f"{self.schedule.epoch_of(self.step)})")
         return path
 
     def _check_parameters_finite(self) -> None:
@@ -281,11 +207,9 @@ class Trainer:
     # ---------------------------------------------------------------- failures
 
     def _save_alone(self) -> Path | None:
-        """Rank 0 writes the checkpoint of this step without any collective (the other ranks
-        may be gone) and returns its path, or the path if it is on disk already; None on the
-        other ranks, before the first step, or when a loss or parameter is not finite or the
-        write fails (the checkpoints before stay). Only where the model holds this step's
-        weights: between steps, or after a failed collective on the CPU."""
+        """Rank 0 writes the checkpoint of this step with no collective (the other ranks may be
+        gone) and returns its path (also one on disk already); None on the other ranks, before
+        the first step, or when a loss or parameter is not finite or the write fails."""
         if not self.is_main or self.step == 0:
             return None
         path = ckpt.checkpoint_path(self.output_dir, self.step)
@@ -305,12 +229,10 @@ class Trainer:
         """The error that ends this rank after `error`, once the steps done are kept.
 
         Its own failure (not a failed collective) is published for the other ranks
-        (distributed.publish_failure). The checkpoint of this step is written by rank 0 when
-        the model is known to hold it: after a bad image (met between steps) and, on the CPU,
-        after a failed collective (every collective of a step precedes its update; on a GPU
-        the queued update may already have run, so the last checkpoint on disk stays).
-        Rank 0's message names the rank that failed first and its cause.
-        """
+        (distributed.publish_failure). Rank 0 keeps this step's checkpoint where the model is
+        known to hold it: after a bad image (met between steps) and, on the CPU, after a failed
+        collective (every collective of a step precedes its update; on a GPU the queued update
+        may have run). Its message names the rank that failed first and the cause."""
         if self.world_size > 1 and threading.current_thread() is threading.main_thread():
             # From here the process only ends. Under torchrun the first rank to end makes it
             # send SIGTERM to the others, which must not cut rank 0's checkpoint or line short.
