@@ -1,5 +1,5 @@
 """Pictures for people: a training batch, or predictions (and ground truth), drawn over their
-images at the images' own resolution.
+images at the images' own resolution or enlarged (small images, so that labels stay legible).
 
 Each instance gets a translucent mask with its outline, a box, and a label (class name, and
 score for predictions) on a filled tag in the instance's colour. Tags are placed one by one,
@@ -138,13 +138,39 @@ def titled(picture: Image.Image, title: str) -> Image.Image:
     return sheet
 
 
+def enlarged(image: np.ndarray, boxes: np.ndarray, masks: Sequence[np.ndarray],
+             scale: float) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """image uint8[H, W, 3], boxes float[T, 4] (x1, y1, x2, y2) and bool[H, W] masks of that
+    image, all resized by `scale` to H' x W' = round(H x scale) x round(W x scale) (image and
+    masks bilinearly, masks thresholded at half)."""
+    height, width = image.shape[:2]
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL's (W', H')
+    image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    factors = np.array([size[0] / width, size[1] / height] * 2, np.float32)
+    masks = [np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(size, Image.BILINEAR))
+             >= 128 for m in masks]
+    return image, np.asarray(boxes, np.float32).reshape(-1, 4) * factors, masks
+
+
+def grid(pictures: Sequence[Image.Image], columns: int) -> Image.Image:
+    """Pictures in rows of `columns` on a white sheet, each at the top left of its cell (cells
+    as wide as their column's widest picture, as high as their row's highest)."""
+    gap = 8  # pixels between images
+    rows = [pictures[i:i + columns] for i in range(0, len(pictures), columns)]
+    widths = [max(row[c].width for row in rows if c < len(row)) for c in range(len(rows[0]))]
+    heights = [max(p.height for p in row) for row in rows]
+    sheet = Image.new("RGB", (sum(widths) + gap * (len(widths) - 1),
+                              sum(heights) + gap * (len(heights) - 1)), (255, 255, 255))
+    y = 0
+    for row, height in zip(rows, heights, strict=True):
+        x = 0
+        for picture, width in zip(row, widths, strict=False):
+            sheet.paste(picture, (x, y))
+            x += width + gap
+        y += height + gap
+    return sheet
+
+
 def side_by_side(pictures: Sequence[Image.Image]) -> Image.Image:
     """Pictures in one row on a white sheet."""
-    gap = 8  # pixels between images
-    sheet = Image.new("RGB", (sum(p.width for p in pictures) + gap * (len(pictures) - 1),
-                              max(p.height for p in pictures)), (255, 255, 255))
-    x = 0
-    for picture in pictures:
-        sheet.paste(picture, (x, 0))
-        x += picture.width + gap
-    return sheet
+    return grid(pictures, len(pictures))

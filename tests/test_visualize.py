@@ -1,8 +1,18 @@
 """Pictures for people: labels that stay readable, mask outlines, the image's own size."""
 
 import numpy as np
+from PIL import Image
 
-from maskrcnn.visualize import _overlap, draw_instances, outline, place_label, titled
+from maskrcnn.visualize import (
+    _overlap,
+    draw_instances,
+    enlarged,
+    grid,
+    outline,
+    place_label,
+    side_by_side,
+    titled,
+)
 
 
 def test_labels_of_crowded_boxes_do_not_overlap():
@@ -44,3 +54,28 @@ def test_pictures_keep_the_image_size_and_titles_add_a_band():
     assert (drawn[20, 20] != 128).any()  # the mask is drawn
     with_title = titled(picture, "predictions")
     assert with_title.width == 64 and with_title.height > 48
+
+
+def test_grid_places_pictures_in_rows():
+    """If this fails, the preview's pictures overlap, leave the sheet, or are not in rows of
+    the requested number of columns."""
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 0)]
+    pictures = [Image.new("RGB", (30, 20 if k < 2 else 10), c) for k, c in enumerate(colours)]
+    sheet = grid(pictures, 2)
+    assert sheet.size == (30 + 8 + 30, 20 + 8 + 10)
+    drawn = np.asarray(sheet)
+    assert tuple(drawn[0, 0]) == colours[0] and tuple(drawn[19, 67]) == colours[1]
+    assert tuple(drawn[28, 0]) == colours[2] and tuple(drawn[37, 67]) == colours[3]
+    assert (drawn[20:28] == 255).all()  # the gap between the rows
+    assert side_by_side(pictures).size == (4 * 30 + 3 * 8, 20)
+
+
+def test_enlarged_scales_image_boxes_and_masks_together():
+    """If this fails, an enlarged picture draws boxes or masks off their objects."""
+    image = np.zeros((10, 20, 3), np.uint8)
+    image[2:6, 4:8] = 255
+    mask = image[..., 0] > 0
+    big, boxes, masks = enlarged(image, np.array([[4, 2, 8, 6]], np.float32), [mask], 2.5)
+    assert big.shape == (25, 50, 3) and masks[0].shape == (25, 50)
+    np.testing.assert_allclose(boxes, [[10, 5, 20, 15]])
+    assert masks[0][10, 15] and not masks[0][20, 30] and big[10, 15, 0] == 255

@@ -1,7 +1,8 @@
 """Predictions on image files: preprocessing like the val pipeline, COCO-format results,
-pictures with boxes, class names, scores and masks drawn.
+pictures with boxes, class names, scores and masks drawn (one label per object: see
+drawn_results).
 
-Shape legend: H x W an image's size as stored on disk.
+Shape legend: H x W an image's size as stored on disk, T results drawn.
 """
 
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
+from torchvision.ops import nms
 
 from maskrcnn.config import Config
 from maskrcnn.data.batch import collate
@@ -25,7 +27,16 @@ from maskrcnn.data.transforms import (
 )
 from maskrcnn.engine.evaluate import detections_to_coco
 from maskrcnn.engine.step import autocast_dtype, unwrap
-from maskrcnn.visualize import draw_instances, side_by_side
+from maskrcnn.visualize import draw_instances, enlarged, grid, titled
+
+# Drawn results whose boxes overlap by more than this IoU show one object; only the
+# best-scoring of them is drawn. The model's NMS is per class (as COCO scores it), so one
+# shape can carry two classes' detections, e.g. "circle 0.79" and "square 0.71" on one circle.
+DRAW_NMS_IOU = 0.5
+# Preview of the main job: val images enlarged to this longer side (the synthetic images
+# are 128-192 pixels, too small for legible labels), in a grid of this many columns.
+PREVIEW_SIDE = 384
+PREVIEW_COLUMNS = 2
 
 
 def _sample(path: Path, config: Config, image_id: int) -> tuple[np.ndarray, dict]:
@@ -78,16 +89,30 @@ def predict(model: torch.nn.Module, paths: Sequence[Path], config: Config,
     return out
 
 
-def draw_predictions(image: np.ndarray, results: list[dict], category_ids: Sequence[int],
-                     class_names: Sequence[str], threshold: float):
-    """A picture of one image's results scoring at least threshold, labelled by class name and
-    score (the best-scoring labels placed first), at the image's own resolution."""
+def drawn_results(results: list[dict], threshold: float) -> list[dict]:
+    """The results a picture shows, best-scoring first: those scoring at least threshold,
+    less each whose box overlaps a better-scoring shown one's by IoU > DRAW_NMS_IOU, whatever
+    the classes (class-agnostic NMS, for drawing only: the results are not changed)."""
     shown = sorted((r for r in results if r["score"] >= threshold), key=lambda r: -r["score"])
+    if not shown:
+        return []
+    keep = nms(torch.from_numpy(_corners([r["bbox"] for r in shown])),
+               torch.tensor([r["score"] for r in shown], dtype=torch.float32), DRAW_NMS_IOU)
+    return [shown[i] for i in sorted(keep.tolist())]
+
+
+def draw_predictions(image: np.ndarray, results: list[dict], category_ids: Sequence[int],
+                     class_names: Sequence[str], threshold: float, scale: float = 1.0):
+    """A picture of one image's drawn_results(results, threshold), labelled by class name
+    and score (the best-scoring labels placed first), at the image's resolution x scale."""
+    shown = drawn_results(results, threshold)
     classes = [list(category_ids).index(r["category_id"]) + 1 for r in shown]
     boxes = _corners([r["bbox"] for r in shown])
     labels = [f"{class_names[k - 1]} {r['score']:.2f}" for k, r in zip(classes, shown,
                                                                         strict=True)]
     masks = [mask_utils.decode(r["segmentation"]).astype(bool) for r in shown]
+    if scale != 1.0:
+        image, boxes, masks = enlarged(image, boxes, masks, scale)
     return draw_instances(image, boxes, classes, labels, masks)
 
 
@@ -136,10 +161,17 @@ def _annotation_mask(segm, height: int, width: int) -> np.ndarray:
 
 
 def draw_dataset_predictions(trainer, count: int, threshold: float = 0.5):
-    """Predictions of the trained model on the first `count` val images, side by side."""
+    """Predictions of the trained model on the first `count` val images, each enlarged to
+    PREVIEW_SIDE on its longer side and titled with its file name, in a grid."""
     coco = trainer.val_coco
     paths = [record.path for record in coco.records[:count]]
     predictions = predict(unwrap(trainer.model), paths, trainer.config, trainer.device,
                           coco.category_ids)
-    return side_by_side([draw_predictions(image, results, coco.category_ids, coco.class_names,
-                                          threshold) for image, results in predictions])
+    pictures = []
+    for path, (image, results) in zip(paths, predictions, strict=True):
+        scale = PREVIEW_SIDE / max(image.shape[:2])
+        drawn = draw_predictions(image, results, coco.category_ids, coco.class_names, threshold,
+                                 scale)
+        pictures.append(titled(drawn, f"{path.name}: {len(drawn_results(results, threshold))} "
+                                      f"objects scoring >= {threshold:g}"))
+    return grid(pictures, PREVIEW_COLUMNS)
