@@ -1,9 +1,10 @@
 """Choices that depend on where the model runs, made once at start-up and passed to the
-builders (no module-level switches).
+modules (no module-level switches, and no "auto" below this point: each module receives the
+Runtime, or the one method it runs, chosen here).
 
 A CPU and a GPU run the same model with these differences of method, never of maths:
 - trim_slots: on a CPU, host reads are free, so the forward skips the padded slots that no image
-  of the batch uses (model/trim.py); a GPU keeps every static size.
+  of the batch uses (`Runtime.slots`); a GPU keeps every static size.
 - nms: how `batched_nms_fixed` runs (ops/nms.py): torchvision's C++ kernel per cell on a CPU,
   the Triton kernel (or its PyTorch reference) with no host synchronisation on a GPU.
 - roi_align: how ROIAlign runs (ops/roi_align.py): the embedding_bag gather on a CPU, the
@@ -13,21 +14,38 @@ A CPU and a GPU run the same model with these differences of method, never of ma
 - cuda_graph: whether the training step is replayed as one CUDA graph (engine/graph.py).
 The config chooses each op's kernel (run.kernels: AUTO, TORCH or TRITON) and the graph
 (run.cuda_graph); `Runtime.for_config` resolves them for the device, and `describe` says in one
-line what each op runs. It also holds the process's rank and world size, from which
-`build_model` chooses how the model draws sampling keys and normalises its losses.
+line what each op runs. The methods' names are checked here, once (the ops take the name they
+are given). The Runtime also holds the process's rank and world size, from which `build_model`
+chooses how the model draws sampling keys and normalises its losses.
 Tests run the GPU's code path on the CPU by building with `Runtime.gpu_path()`.
+
+Trimming. The model pads per-image sets to static sizes (ground-truth slots G, RoIs R, mask
+slots F) so that a GPU step has one shape and no host synchronisation. On a CPU there is no
+queue of device work that a host read would drain, so the forward cuts those sets to the slots
+that are used in some image of the batch: ground-truth slots in anchor matching, RoI slots
+(fewer candidates than RoIs per image, as with a random-weight RPN) in training, detection
+slots in the mask head at inference; and the mask head in training runs on the foreground
+slots only, gathered across the images. Padded slots are invalid (ground truth, detections) or
+background (mask slots), so they add 0 to every loss and gradient and get zero masks: the maths
+is the same either way (tests run both). A compiled step keeps the static sizes on any device.
 """
 
 import dataclasses
+import importlib.util
 import os
 
 import torch
 
 from maskrcnn.config import Config, ConfigError, config_pb2
-from maskrcnn.model.sampling import MATCH_METHODS
-from maskrcnn.ops.nms import METHODS, default_method
-from maskrcnn.ops.roi_align import ROI_ALIGN_METHODS
 
+# The methods of each op whose kernel the config chooses; the module of each says how they
+# compute the same result.
+NMS_METHODS = ("triton", "torch", "per_cell", "shifted")  # ops/nms.py: batched_nms_fixed
+ROI_ALIGN_METHODS = ("gather", "triton")  # ops/roi_align.py: multilevel_roi_align
+MATCH_METHODS = ("tiled", "triton")  # model/sampling.py: match
+# Each op's name in messages, and its methods.
+_METHODS = {"nms": ("NMS", NMS_METHODS), "roi_align": ("ROIAlign", ROI_ALIGN_METHODS),
+            "match": ("matching", MATCH_METHODS)}
 # The ops whose kernel the config chooses (run.kernels), in the order the log lists them.
 KERNEL_OPS = ("nms", "roi_align", "match")
 
@@ -38,14 +56,14 @@ class Runtime:
 
     Attributes:
         trim_slots: skip padded slots where reading a count on the host is free (CPU).
-        nms: the NMS method, one of ops.nms.METHODS.
-        roi_align: the ROIAlign method, one of ops.roi_align.ROI_ALIGN_METHODS.
-        match: the RPN's anchor-matching method, one of model.sampling.MATCH_METHODS.
+        nms: the NMS method, one of NMS_METHODS.
+        roi_align: the ROIAlign method, one of ROI_ALIGN_METHODS.
+        match: the RPN's anchor-matching method, one of MATCH_METHODS.
         fold_frozen_bn: run each conv and its frozen batch norm as one conv (the same maths
             with other float rounding; the parity test with torchvision turns it off).
         rank, world_size: this process in data-parallel training. With world_size > 1 the
             model draws its sampling keys as rows of the global batch and sums its loss
-            normalisers over the ranks (model/sampling.py, engine/distributed.py).
+            normalisers over the ranks (model/sampling.py).
         cuda_graph: replay the training step as a CUDA graph (only ever true on a GPU).
     """
 
@@ -59,15 +77,11 @@ class Runtime:
     cuda_graph: bool = False
 
     def __post_init__(self):
-        if self.nms not in METHODS:
-            raise ValueError(f"unknown NMS method {self.nms!r}; expected one of "
-                             f"{', '.join(METHODS)}")
-        if self.match not in MATCH_METHODS:
-            raise ValueError(f"unknown matching method {self.match!r}; expected one of "
-                             f"{', '.join(MATCH_METHODS)}")
-        if self.roi_align not in ROI_ALIGN_METHODS:
-            raise ValueError(f"unknown ROIAlign method {self.roi_align!r}; expected one of "
-                             f"{', '.join(ROI_ALIGN_METHODS)}")
+        for op in KERNEL_OPS:  # the one check of the methods' names
+            name, methods = _METHODS[op]
+            if getattr(self, op) not in methods:
+                raise ValueError(f"unknown {name} method {getattr(self, op)!r}; expected one "
+                                 f"of {', '.join(methods)}")
 
     @classmethod
     def for_device(cls, device: torch.device | str, rank: int = 0, world_size: int = 1,
@@ -117,6 +131,30 @@ class Runtime:
         what a Triton kernel that fails falls back to."""
         return _torch_method(op, torch.device("cpu" if self.trim_slots else "cuda"))
 
+    def slots(self, used: torch.Tensor) -> slice | torch.Tensor:
+        """The slots of a padded set that the forward computes (see Trimming, above), as an
+        index of the set's slot dimension: `x[:, index]` for a per-image set, `x[index]` for a
+        set flattened over the images.
+
+        Args:
+            used: bool[N, S] the slots each image uses, or bool[S] those of a flattened set.
+
+        Returns:
+            slice(None), every slot, where sizes stay static (no trimming, or while torch.compile
+            traces). Trimming, with a host read: for bool[N, S] the slots up to the last one any
+            image uses, slice(0, U); for bool[S] the used slots, int64[U]. U >= 1, so no set is
+            empty: where none is used, slot 0 (a flattened set's is then of weight 0, so that the
+            heads still run and every parameter gets a gradient).
+        """
+        if not self.trim_slots or torch.compiler.is_compiling():
+            return slice(None)
+        if used.dim() == 1:
+            index = used.nonzero().squeeze(1)
+            return index if index.numel() else torch.zeros(1, dtype=torch.int64,
+                                                           device=used.device)
+        position = torch.arange(1, used.shape[1] + 1, device=used.device)
+        return slice(0, max(1, int((used.any(0) * position).max())) if used.shape[1] else 1)
+
     def describe(self) -> str:
         """One line: what each op runs, and whether the step is a CUDA graph."""
         return (", ".join(f"{op} {getattr(self, op)}" for op in KERNEL_OPS)
@@ -136,7 +174,7 @@ def _triton_runs(device: torch.device) -> bool:
     device under Triton's interpreter (TRITON_INTERPRET=1, tests only)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
-    return device.type == "cuda" and default_method(device) == "triton"
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -6,10 +6,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from maskrcnn.bench.synthetic import synthetic_batch
 from maskrcnn.config import ConfigError, config_pb2, load_config
-from maskrcnn.engine import distributed
 from maskrcnn.engine.step import model_inputs
 from maskrcnn.model.maskrcnn import build_model
-from maskrcnn.model.sampling import global_batch_keys, local_counts
+from maskrcnn.model.sampling import global_batch_keys, global_counts, local_counts
 from maskrcnn.runtime import Runtime
 from tests.tiny import TINY
 
@@ -36,30 +35,43 @@ def test_choices_per_device():
 
 
 def test_builders_take_every_choice_from_the_runtime():
-    """If this fails, a module is built with other choices than its runtime's: slot trimming,
-    NMS method, frozen-norm folding, or (with several processes) the global batch's sampling
-    keys and loss normalisers summed over the ranks, which the trainer once set on the
-    modules after construction."""
+    """If this fails, a module is built with other choices than its runtime's (slot trimming,
+    each op's method: the modules hold the one Runtime, a CPU's by default), or (with several
+    processes) without the global batch's sampling keys and loss normalisers summed over the
+    ranks, which the trainer once set on the modules after construction."""
     config = load_config("shapes", TINY)
     one = build_model(config)
-    assert one.trim_slots and one.roi_heads.trim_slots
-    assert one.rpn.nms_method == one.roi_heads.nms_method == "per_cell"
+    assert one.runtime == Runtime.for_device("cpu")
+    assert one.rpn.runtime is one.roi_heads.runtime is one.runtime
     assert one.rpn.normalizers is local_counts and one.roi_heads.normalizers is local_counts
-    ranked = build_model(config, Runtime.gpu_path("triton").replace(rank=1, world_size=2))
-    assert not ranked.trim_slots and not ranked.roi_heads.trim_slots
-    assert ranked.rpn.nms_method == ranked.roi_heads.nms_method == "triton"
-    assert one.roi_heads.roi_align_method == ranked.roi_heads.roi_align_method == "gather"
-    assert build_model(config, Runtime.gpu_path(roi_align="triton")).roi_heads \
-        .roi_align_method == "triton"
-    assert one.rpn.match_method == "tiled"
-    assert build_model(config, Runtime.gpu_path(match="triton")).rpn.match_method == "triton"
+    runtime = Runtime.gpu_path("triton", "triton", "triton").replace(rank=1, world_size=2)
+    ranked = build_model(config, runtime)
+    assert ranked.runtime is ranked.rpn.runtime is ranked.roi_heads.runtime is runtime
     for stage in (ranked.rpn, ranked.roi_heads):
-        assert stage.normalizers is distributed.global_counts
+        assert stage.normalizers is global_counts
         labels = torch.zeros(2, 5, dtype=torch.int64)
         torch.manual_seed(0)
         drawn = stage.keys(labels)
         torch.manual_seed(0)
         assert torch.equal(drawn, global_batch_keys(1, 2)(labels))
+
+
+def test_slots_trim_only_where_the_runtime_trims_and_keep_every_used_slot():
+    """If this fails, trimming cuts a used slot (a valid slot after an invalid one), gathers
+    the wrong foreground slots or returns an empty set; or a runtime of static sizes (a GPU's),
+    or a compiled step, trims: a host read that a GPU step must not make."""
+    cpu, gpu = Runtime.for_device("cpu"), Runtime.gpu_path()
+    used = torch.tensor([[True, False, False, False], [False, False, True, False]])
+    assert cpu.slots(used) == slice(0, 3)
+    assert cpu.slots(torch.zeros(2, 5, dtype=torch.bool)) == slice(0, 1)
+    assert cpu.slots(torch.zeros(2, 0, dtype=torch.bool)) == slice(0, 1)
+    assert cpu.slots(torch.tensor([False, True, False, True])).tolist() == [1, 3]
+    assert cpu.slots(torch.zeros(3, dtype=torch.bool)).tolist() == [0]
+    assert gpu.slots(used) == gpu.slots(used[1]) == slice(None)
+    compiled = torch.compile(lambda u: u[:, cpu.slots(u)].sum(1), fullgraph=True,
+                             backend="eager")
+    assert compiled(used).tolist() == [1, 1]
+    assert compiled(torch.ones(2, 6, dtype=torch.bool)).tolist() == [6, 6]
 
 
 class _OpNames(TorchDispatchMode):

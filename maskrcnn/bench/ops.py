@@ -34,9 +34,9 @@ from maskrcnn.bench.measure import synchronize
 from maskrcnn.bench.torchvision_baseline import POOLED, build_torchvision_model
 from maskrcnn.config import Config
 from maskrcnn.model.anchors import AnchorCache
-from maskrcnn.ops.nms import default_method
 from maskrcnn.ops.proposals import generate_proposals
 from maskrcnn.ops.roi_align import multilevel_roi_align
+from maskrcnn.runtime import Runtime
 
 # Random inputs: RPN logits ~ N(0, 1), deltas ~ N(0, DELTA_STD); RoI sides uniform in
 # [ROI_MIN_SIDE, min(ROI_MAX_SIDE, canvas side)] pixels, so they spread over all four levels.
@@ -99,7 +99,7 @@ def bench_proposals(config: Config, device: torch.device, runs: int, warmup: int
     kept_theirs = sum(len(b) for b in theirs()[0]) / n
     case = (f"N={n}, {h}x{w}, {sum(x.shape[0] for x in anchors)} anchors, top "
             f"{rpn.pre_nms_topk_train}/level -> {rpn.post_nms_topk_train}")
-    default = default_method(device)
+    default = Runtime.for_device(device).nms
     methods = [default] + [m for m in ("torch", "shifted") if m != default]
     rows = []
     for method in methods:
@@ -144,8 +144,7 @@ def bench_roi_align(config: Config, device: torch.device, case: str, per_image: 
     tv_boxes = list(rois[:, 1:].split(per_image))
 
     def ours(method: str) -> torch.Tensor:
-        return multilevel_roi_align(features, rois, side, ROI_STRIDES, 2, aligned=False,
-                                    method=method)
+        return multilevel_roi_align(features, rois, side, ROI_STRIDES, 2, False, method)
 
     def theirs():
         return tv_pooler(tv_features, tv_boxes, [(h, w)] * n)

@@ -13,7 +13,6 @@ from maskrcnn.config import Config
 from maskrcnn.data.batch import Batch
 from maskrcnn.engine.solver import Schedule, make_schedule
 from maskrcnn.engine.step import TrainStep, model_inputs
-from maskrcnn.model.trim import trimming, used_slots
 from maskrcnn.ops.paste_masks import paste_masks
 from maskrcnn.runtime import Runtime
 
@@ -46,10 +45,9 @@ def inference_step(trainer: TrainStep, batch: Batch) -> Callable[[], dict[str, t
                                 enabled=trainer.autocast_dtype is not None):
                 out = trainer.forward(*inputs)
             # On a CPU, only the slots with a detection in some image (as the mask head).
-            valid = out["valid"]
-            d = used_slots(valid) if trimming(trainer.runtime.trim_slots) else valid.shape[1]
-            out["masks"] = paste_masks(out["masks"][:, :d].float(), out["boxes"][:, :d].float(),
-                                       h, w)
+            used = trainer.runtime.slots(out["valid"])
+            out["masks"] = paste_masks(out["masks"][:, used].float(),
+                                       out["boxes"][:, used].float(), h, w)
         return out
 
     return step

@@ -32,9 +32,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from maskrcnn.bench.step import bench_schedule
 from maskrcnn.config import Config, config_pb2
 from maskrcnn.config.config_pb2 import FP16
+from maskrcnn.config.validate import GN_GROUPS
 from maskrcnn.engine.solver import apply_gradients, build_optimizer
 from maskrcnn.engine.step import autocast_dtype
-from maskrcnn.model.backbone import GN_GROUPS
 from maskrcnn.model.roi_heads import MAX_NMS_CANDIDATES
 from maskrcnn.runtime import Runtime
 
@@ -162,7 +162,7 @@ def unmatched_settings(config: Config, device: torch.device) -> list[str]:
                  f"proposals overlap the ground truth, far fewer than in real training: see "
                  f"the mask-head RoIs per image); "
                  + (f"on this device ours also runs on the foreground RoIs only (of its "
-                    f"{slots} slots per image; model/trim.py)." if trimmed else
+                    f"{slots} slots per image; Runtime.slots)." if trimmed else
                     f"ours always runs on {slots} slots per image, padded ones included, and "
                     f"counts their FLOPs."))
     notes.append("Inputs: torchvision takes the same images as a list of float32 images "

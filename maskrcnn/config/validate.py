@@ -7,8 +7,11 @@ value is unusable. `validate` returns the first problem, so the user fixes one t
 from collections.abc import Iterator
 
 from maskrcnn.config import config_pb2
-from maskrcnn.model.backbone import GN_GROUPS
 
+# Groups of every GroupNorm (Norm GROUP_NORM, head_group_norm; Wu and He, 2018): every ResNet
+# width is a multiple of it; the heads' channel counts must be (checked below). The model builds
+# its GroupNorms with it.
+GN_GROUPS = 32
 # (dotted field path, "= value: reason", other fields the rule involves). The error message
 # blames whichever layer set one of these fields last.
 Problem = tuple[str, str, tuple[str, ...]]

@@ -39,7 +39,6 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.distributed import _functional_collectives as funcol
 
 from maskrcnn.config import ConfigError
 
@@ -265,18 +264,4 @@ def node_main_first(process: Process, fn: Callable[[], T]) -> T:
     if process.local_rank == 0:
         barrier("waiting for the node's first process to prepare the data")
     return result
-
-
-def global_counts(counts: torch.Tensor) -> torch.Tensor:
-    """Loss normalisers from every rank's counts, so that data parallelism does the maths of
-    one process holding the whole global batch.
-
-    counts: float[C] this rank's counts (e.g. sampled anchors, foreground RoIs). Returns
-    float[C]: the counts summed over the ranks (at least 1), divided by the world size. A
-    rank's loss (its sum / this) averaged over the ranks, as DDP averages gradients, is then
-    the sum over all ranks / the count over all ranks. One small all-reduce per call, on the
-    device (functional collective: no host wait, traceable by torch.compile).
-    """
-    total = funcol.all_reduce(counts, "sum", dist.group.WORLD)
-    return total.clamp(min=1) / dist.get_world_size()
 

@@ -11,12 +11,12 @@ checks (ROIAlign: forward and backward). It never raises for a broken fast path:
 back to the PyTorch path when a kernel fails).
 
 The reference of each op and method:
-- "nms" (ops/nms.py METHODS): "torch" on the same device; for "torch" itself, "per_cell"
+- "nms" (runtime.NMS_METHODS): "torch" on the same device; for "torch" itself, "per_cell"
   (torchvision's C++ NMS) on the CPU.
 - "proposals" (NMS methods): "per_cell" on the CPU; for "per_cell" itself, "torch".
-- "roi_align" (ROI_ALIGN_METHODS): "gather" on the same device; for "gather" itself,
+- "roi_align" (runtime.ROI_ALIGN_METHODS): "gather" on the same device; for "gather" itself,
   torchvision's roi_align on each RoI's level. Float32, channels-last features.
-- "match" (MATCH_METHODS), the RPN's rule: "tiled" on the same device; for "tiled" itself,
+- "match" (runtime.MATCH_METHODS), the RPN's rule: "tiled" on the same device; for "tiled" itself,
   `match_reference`, one image at a time (its IoU matrix is G x A floats per image).
 - "paste_masks" (method "matmul", the op's only one): `paste_masks_reference` in float64, on
   the first PASTE_REFERENCE_DETECTIONS detections of the first image (its loop is slow).

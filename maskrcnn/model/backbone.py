@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from maskrcnn.config.validate import GN_GROUPS
 from maskrcnn.model.fpn import FPN
 from maskrcnn.model.frozen_bn import FoldedConv2d, FrozenBatchNorm2d
 
@@ -27,10 +28,6 @@ _RESNETS = {
 _STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 # Optional in an ImageNet checkpoint: BatchNorm2d's step counter, which the fold does not use.
 _OPTIONAL_BN_KEY = "num_batches_tracked"
-
-
-# Groups of the GroupNorm option (Wu and He, 2018); every ResNet width is a multiple of it.
-GN_GROUPS = 32
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:

@@ -9,13 +9,17 @@ from torch import nn
 from torch.profiler import record_function
 
 from maskrcnn.config import Config, config_pb2
-from maskrcnn.engine import distributed
 from maskrcnn.model.anchors import AnchorCache
 from maskrcnn.model.backbone import Backbone
 from maskrcnn.model.roi_heads import RoIHeads
 from maskrcnn.model.rpn import RPN
-from maskrcnn.model.sampling import Keys, global_batch_keys, local_counts, uniform_keys
-from maskrcnn.model.trim import trimming, used_slots
+from maskrcnn.model.sampling import (
+    Keys,
+    global_batch_keys,
+    global_counts,
+    local_counts,
+    uniform_keys,
+)
 from maskrcnn.runtime import Runtime
 
 # The RoI heads pool from P2..P5; P6 only feeds the RPN (as in the FPN paper).
@@ -30,14 +34,14 @@ class MaskRCNN(nn.Module):
         anchors: anchors for each canvas.
         rpn, roi_heads: the two stages.
         pixel_mean, pixel_std: RGB statistics on the 0-255 scale.
-        trim_slots: match anchors to the ground-truth slots some image uses only (model/trim.py;
-            the CPU's choice).
+        runtime: which ground-truth slots the anchors are matched to (its `slots`: on a CPU,
+            those some image uses only).
     """
 
     def __init__(self, backbone: nn.Module, anchors: AnchorCache, rpn: RPN, roi_heads: RoIHeads,
-                 pixel_mean: list[float], pixel_std: list[float], trim_slots: bool = False):
+                 pixel_mean: list[float], pixel_std: list[float], runtime: Runtime):
         super().__init__()
-        self.trim_slots = trim_slots
+        self.runtime = runtime
         self.backbone = backbone
         self.anchors = anchors
         self.rpn = rpn
@@ -77,11 +81,11 @@ class MaskRCNN(nn.Module):
                 return self.roi_heads.detect(pooled, proposals, proposals_valid, image_sizes)
         with record_function("rpn_losses"):
             # On a CPU, anchors are matched to the ground-truth slots used in some image only
-            # (trim.py). The RoI heads keep all G: their sampling keys, one per candidate
+            # (Runtime.slots). The RoI heads keep all G: their sampling keys, one per candidate
             # (proposals and ground-truth slots), must not depend on the batch's contents.
-            g = used_slots(gt_valid) if trimming(self.trim_slots) else gt_valid.shape[1]
-            losses = self.rpn.losses(objectness, deltas, anchors, gt_boxes[:, :g],
-                                     gt_valid[:, :g])
+            used = self.runtime.slots(gt_valid)
+            losses = self.rpn.losses(objectness, deltas, anchors, gt_boxes[:, used],
+                                     gt_valid[:, used])
         with record_function("roi_heads"):
             losses.update(self.roi_heads.losses(pooled, proposals, proposals_valid, gt_boxes,
                                                 gt_classes, gt_valid, gt_masks))
@@ -98,7 +102,7 @@ def build_model(config: Config, runtime: Runtime | None = None,
     parallel = runtime.world_size > 1
     if keys is None:
         keys = global_batch_keys(runtime.rank, runtime.world_size) if parallel else uniform_keys
-    normalizers = distributed.global_counts if parallel else local_counts
+    normalizers = global_counts if parallel else local_counts
     m = config.model
     rpn, roi = m.rpn, m.roi_heads
     strides = list(m.anchors.strides)
@@ -116,8 +120,7 @@ def build_model(config: Config, runtime: Runtime | None = None,
                 pre_nms_topk=(rpn.pre_nms_topk_train, rpn.pre_nms_topk_test),
                 post_nms_topk=(rpn.post_nms_topk_train, rpn.post_nms_topk_test),
                 nms_threshold=rpn.nms_threshold, min_box_size=rpn.min_box_size,
-                nms_method=runtime.nms, match_method=runtime.match, keys=keys,
-                normalizers=normalizers),
+                runtime=runtime, keys=keys, normalizers=normalizers),
         roi_heads=RoIHeads(
             channels=m.fpn_channels, strides=strides[:POOLED_LEVELS],
             num_classes=m.num_classes, box_head_dim=roi.box_head_dim,
@@ -126,15 +129,15 @@ def build_model(config: Config, runtime: Runtime | None = None,
             bbox_reg_weights=tuple(roi.bbox_reg_weights),
             pooler_resolution=roi.pooler_resolution,
             mask_pooler_resolution=roi.mask_pooler_resolution,
+            mask_resolution=roi.mask_resolution,
             mask_head_channels=roi.mask_head_channels, max_fg_masks=roi.max_fg_masks_per_image,
             score_threshold=roi.test_score_threshold, nms_threshold=roi.test_nms_threshold,
             detections_per_image=roi.detections_per_image, aligned=roi.roi_align_aligned,
             box_head_convs=roi.box_head_convs, head_group_norm=roi.head_group_norm,
             class_agnostic_boxes=roi.class_agnostic_boxes,
-            class_agnostic_masks=roi.class_agnostic_masks, trim_slots=runtime.trim_slots,
-            nms_method=runtime.nms, roi_align_method=runtime.roi_align, keys=keys,
+            class_agnostic_masks=roi.class_agnostic_masks, runtime=runtime, keys=keys,
             normalizers=normalizers),
         pixel_mean=list(m.pixel_mean),
         pixel_std=list(m.pixel_std),
-        trim_slots=runtime.trim_slots,
+        runtime=runtime,
     )

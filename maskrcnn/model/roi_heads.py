@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from maskrcnn.config.validate import GN_GROUPS
 from maskrcnn.data.gt_masks import mask_targets
-from maskrcnn.model.backbone import GN_GROUPS
 from maskrcnn.model.sampling import (
     Keys,
     Normalizers,
@@ -19,10 +19,10 @@ from maskrcnn.model.sampling import (
     sample,
     uniform_keys,
 )
-from maskrcnn.model.trim import foreground_slots, trimming, used_slots
 from maskrcnn.ops.boxes import clip_boxes, decode_boxes, encode_boxes
 from maskrcnn.ops.nms import batched_nms_fixed
 from maskrcnn.ops.roi_align import multilevel_roi_align
+from maskrcnn.runtime import Runtime
 
 # Smooth-L1 transition point of the box-head loss, as torchvision.
 BOX_SMOOTH_L1_BETA = 1.0 / 9
@@ -32,6 +32,9 @@ MIN_DETECTION_SIZE = 1e-2
 # torchvision keeps every candidate above the score threshold (a data-dependent count); with
 # 100 detections kept, candidates ranked beyond 50x that almost never survive NMS.
 MAX_NMS_CANDIDATES = 5000
+# How RoI candidates are matched to ground truth on every device: P + G candidates per image
+# are few, and the runtime's `match` is the RPN's (over the anchors, where the kernels pay).
+ROI_MATCH_METHOD = "tiled"
 
 
 def _flat_rois(boxes: torch.Tensor) -> torch.Tensor:
@@ -178,6 +181,8 @@ class RoIHeads(nn.Module):
         batch_size_per_image, positive_fraction, fg_iou_threshold: RoI sampling.
         bbox_reg_weights: (wx, wy, ww, wh) of the box deltas.
         pooler_resolution, mask_pooler_resolution: ROIAlign output sides.
+        mask_resolution: M, the mask head's output side (2 x mask_pooler_resolution, as the
+            config's validation holds), at which mask targets are made.
         mask_head_channels: hidden channels of the mask head; max_fg_masks: F.
         score_threshold, nms_threshold, detections_per_image: inference.
         aligned: ROIAlign half-pixel alignment (torchvision's Mask R-CNN uses False).
@@ -185,26 +190,22 @@ class RoIHeads(nn.Module):
         head_group_norm: GroupNorm after every 3x3 conv of the box and mask heads.
         class_agnostic_boxes, class_agnostic_masks: one box regression / one mask per RoI
             instead of one per class.
-        trim_slots: skip padded slots where host reads are free (model/trim.py);
-            nms_method: how the detection NMS runs (ops/nms.py); roi_align_method: how
-            ROIAlign runs (ops/roi_align.py).
+        runtime: which slots the heads compute (its `slots`), how the detection NMS (its
+            `nms`) and ROIAlign (its `roi_align`) run.
         keys, normalizers: as RPN's.
     """
 
     def __init__(self, channels: int, strides: list[int], num_classes: int, box_head_dim: int,
                  batch_size_per_image: int, positive_fraction: float, fg_iou_threshold: float,
                  bbox_reg_weights: tuple[float, float, float, float], pooler_resolution: int,
-                 mask_pooler_resolution: int, mask_head_channels: int, max_fg_masks: int,
-                 score_threshold: float, nms_threshold: float, detections_per_image: int,
-                 aligned: bool = True, box_head_convs: int = 0, head_group_norm: bool = False,
+                 mask_pooler_resolution: int, mask_resolution: int, mask_head_channels: int,
+                 max_fg_masks: int, score_threshold: float, nms_threshold: float,
+                 detections_per_image: int, runtime: Runtime, aligned: bool = True,
+                 box_head_convs: int = 0, head_group_norm: bool = False,
                  class_agnostic_boxes: bool = False, class_agnostic_masks: bool = False,
-                 trim_slots: bool = False, nms_method: str = "auto",
-                 roi_align_method: str = "gather",
                  keys: Keys = uniform_keys, normalizers: Normalizers = local_counts):
         super().__init__()
-        self.trim_slots = trim_slots
-        self.nms_method = nms_method
-        self.roi_align_method = roi_align_method
+        self.runtime = runtime
         self.strides = list(strides)
         self.num_classes = num_classes
         self.box_head = BoxHead(channels, pooler_resolution, box_head_dim, num_classes,
@@ -217,6 +218,7 @@ class RoIHeads(nn.Module):
         self.bbox_reg_weights = tuple(bbox_reg_weights)
         self.pooler_resolution = pooler_resolution
         self.mask_pooler_resolution = mask_pooler_resolution
+        self.mask_resolution = mask_resolution
         self.max_fg_masks = max_fg_masks
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
@@ -230,7 +232,7 @@ class RoIHeads(nn.Module):
         """rois float[X, 5] (image index, x1, y1, x2, y2) -> pooled float[X, C, S, S] from
         their FPN levels."""
         return multilevel_roi_align(features[:len(self.strides)], rois, resolution,
-                                    self.strides, 2, self.aligned, self.roi_align_method)
+                                    self.strides, 2, self.aligned, self.runtime.roi_align)
 
     def sample_rois(self, proposals: torch.Tensor, proposals_valid: torch.Tensor,
                     gt_boxes: torch.Tensor, gt_classes: torch.Tensor,
@@ -244,7 +246,7 @@ class RoIHeads(nn.Module):
         candidates_valid = torch.cat([proposals_valid, gt_valid], dim=1)
         matched, labels = match(candidates, candidates_valid, gt_boxes, gt_valid,
                                 self.fg_iou_threshold, self.fg_iou_threshold,
-                                allow_low_quality=False)
+                                allow_low_quality=False, method=ROI_MATCH_METHOD)
         index, is_fg, valid = sample(labels, self.batch_size_per_image, self.positive_fraction,
                                      self.keys)
         matched = matched.gather(1, index)
@@ -260,7 +262,7 @@ class RoIHeads(nn.Module):
             torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The mask head's X slots from `sample_rois`' output. Foreground RoIs come first, so
         the first F slots of each image hold every mask-head sample: X = N*F, flattened; on a
-        CPU, only the foreground ones (see trim.py).
+        CPU, only the foreground ones (Runtime.slots).
 
         Returns rois float[X, 5] (image index, x1, y1, x2, y2), classes int64[X], matched
         int64[X] ground-truth slot, is_fg bool[X].
@@ -269,10 +271,8 @@ class RoIHeads(nn.Module):
         rois = _flat_rois(sampled["rois"][:, :f].float())  # (N*F, 5)
         classes, matched, fg = (sampled[key][:, :f].reshape(-1)  # (N*F,)
                                 for key in ("classes", "matched", "is_fg"))
-        if trimming(self.trim_slots):
-            index = foreground_slots(fg)
-            rois, classes, matched, fg = rois[index], classes[index], matched[index], fg[index]
-        return rois, classes, matched, fg
+        index = self.runtime.slots(fg)
+        return rois[index], classes[index], matched[index], fg[index]
 
     def losses(self, features: list[torch.Tensor], proposals: torch.Tensor,
                proposals_valid: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torch.Tensor,
@@ -282,9 +282,9 @@ class RoIHeads(nn.Module):
         BCE of the true class's mask, averaged over the foreground mask slots). Counts are
         the batch's (the global batch's under data parallelism: see `normalizers`)."""
         s = self.sample_rois(proposals, proposals_valid, gt_boxes, gt_classes, gt_valid)
-        if trimming(self.trim_slots):  # on a CPU, only the RoI slots sampled in some image
-            r = used_slots(s["valid"])
-            s = {key: value[:, :r] for key, value in s.items()}
+        # On a CPU, only the RoI slots sampled in some image (Runtime.slots).
+        used = self.runtime.slots(s["valid"])
+        s = {key: value[:, used] for key, value in s.items()}
         n, r = s["classes"].shape
         logits, deltas = self.box_head(self._pool(features, _flat_rois(s["rois"].float()),
                                                   self.pooler_resolution))
@@ -297,7 +297,7 @@ class RoIHeads(nn.Module):
         rois, classes, matched, fg = self._mask_slots(s)
         mask_logits = self.mask_head(self._pool(features, rois, self.mask_pooler_resolution))
         mask_target = mask_targets(gt_masks, gt_boxes, rois[:, 1:], rois[:, 0].long(), matched,
-                                   mask_logits.shape[-1])
+                                   self.mask_resolution)
         fg_weight = fg.float()
         mask = mask_loss(mask_logits, classes, mask_target, fg_weight)
         # One normaliser call for both counts: data-parallel training sums them over the ranks
@@ -333,27 +333,30 @@ class RoIHeads(nn.Module):
         classes = classes.gather(1, top.indices)
         keep_index, keep = batched_nms_fixed(boxes, top.values, top.values >= 0, classes,
                                              self.nms_threshold, self.detections_per_image,
-                                             self.nms_method)
+                                             self.runtime.nms)
         det_boxes = boxes.gather(1, keep_index.unsqueeze(-1).expand(-1, -1, 4)) * keep[..., None]
         det_scores = top.values.gather(1, keep_index) * keep
         det_classes = torch.where(keep, classes.gather(1, keep_index), 0)
 
         # Kept detections come first; on a CPU the mask head skips the slots empty in every
-        # image (see trim.py). Masks of empty slots are 0 either way.
+        # image (Runtime.slots): U of the D. Masks of empty slots are 0 either way.
         d = det_boxes.shape[1]
-        used = used_slots(keep) if trimming(self.trim_slots) else d
-        mask_logits = self.mask_head(self._pool(features, _flat_rois(det_boxes[:, :used]),
+        used = self.runtime.slots(keep)
+        used_boxes, used_classes = det_boxes[:, used], det_classes[:, used]
+        used_keep = keep[:, used]
+        u = used_keep.shape[1]
+        mask_logits = self.mask_head(self._pool(features, _flat_rois(used_boxes),
                                                 self.mask_pooler_resolution))
         size = mask_logits.shape[-1]
         # (N*U, K+1, M, M) -> (N, U, M, M): each detection's class (0 for padding).
         masks = mask_logits.float().gather(
-            1, _own_class(det_classes[:, :used].reshape(-1), mask_logits.shape[1])
+            1, _own_class(used_classes.reshape(-1), mask_logits.shape[1])
             [:, None, None, None].expand(-1, 1, size, size))
-        masks = masks.sigmoid().reshape(n, used, size, size) * keep[:, :used, None, None]
+        masks = masks.sigmoid().reshape(n, u, size, size) * used_keep[:, :, None, None]
         return {
             "boxes": det_boxes,
             "scores": det_scores,
             "classes": det_classes,
             "valid": keep,
-            "masks": F.pad(masks, (0, 0, 0, 0, 0, d - used)),  # (N, D, M, M)
+            "masks": F.pad(masks, (0, 0, 0, 0, 0, d - u)),  # (N, D, M, M)
         }

@@ -11,10 +11,9 @@ from torch.nn import functional as F
 
 from maskrcnn.model.sampling import Keys, Normalizers, local_counts, match, sample, uniform_keys
 from maskrcnn.ops.boxes import encode_boxes
-from maskrcnn.ops.proposals import generate_proposals
+from maskrcnn.ops.proposals import RPN_BOX_WEIGHTS, generate_proposals
+from maskrcnn.runtime import Runtime
 
-# Proposal deltas are not weighted (torchvision and Detectron2 use (1, 1, 1, 1) for the RPN).
-RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 # Smooth-L1 transition point of the RPN box loss, as torchvision.
 RPN_SMOOTH_L1_BETA = 1.0 / 9
 
@@ -79,8 +78,7 @@ class RPN(nn.Module):
         fg_iou_threshold, bg_iou_threshold: anchor labels (IoU with ground truth).
         pre_nms_topk, post_nms_topk: (train, test) pairs: per level before NMS, per image after.
         nms_threshold: IoU of proposal NMS; min_box_size: smaller proposals are dropped.
-        nms_method: how the NMS runs (ops/nms.py), "auto" for the device's default.
-        match_method: how anchors are matched to ground truth (model/sampling.py: match).
+        runtime: how the proposals' NMS (its `nms`) and the anchor matching (its `match`) run.
         keys: random sampling keys (model/sampling.py); normalizers: the loss normalisers
             from the counts (local, or summed over the ranks in data-parallel training).
     """
@@ -88,12 +86,10 @@ class RPN(nn.Module):
     def __init__(self, channels: int, anchors_per_location: int, batch_size_per_image: int,
                  positive_fraction: float, fg_iou_threshold: float, bg_iou_threshold: float,
                  pre_nms_topk: tuple[int, int], post_nms_topk: tuple[int, int],
-                 nms_threshold: float, min_box_size: float, nms_method: str = "auto",
-                 match_method: str = "tiled",
+                 nms_threshold: float, min_box_size: float, runtime: Runtime,
                  keys: Keys = uniform_keys, normalizers: Normalizers = local_counts):
         super().__init__()
-        self.nms_method = nms_method
-        self.match_method = match_method
+        self.runtime = runtime
         self.head = RPNHead(channels, anchors_per_location)
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
@@ -119,7 +115,7 @@ class RPN(nn.Module):
         boxes, scores, valid = generate_proposals(
             [o.detach().float() for o in objectness], [d.detach().float() for d in deltas],
             anchors, image_sizes, self.pre_nms_topk[mode], self.post_nms_topk[mode],
-            self.nms_threshold, self.min_box_size, self.nms_method,
+            self.nms_threshold, self.min_box_size, self.runtime.nms,
         )
         return boxes, scores, valid, objectness, deltas
 
@@ -136,7 +132,7 @@ class RPN(nn.Module):
                                   device=all_anchors.device)
         matched, labels = match(all_anchors, anchor_valid, gt_boxes, gt_valid,
                                 self.fg_iou_threshold, self.bg_iou_threshold,
-                                allow_low_quality=True, method=self.match_method)
+                                allow_low_quality=True, method=self.runtime.match)
         index, is_fg, valid = sample(labels, self.batch_size_per_image, self.positive_fraction,
                                      self.keys)
         # Gather the S sampled anchors of each image: (N, A, ...) -> (N, S, ...).

@@ -3,9 +3,9 @@
 Shape legend: N images, K candidates per image (anchors or RoI candidates), G ground-truth
 slots, S samples per image.
 
-Matching has two ways to compute the same result (`method` of `match`, MATCH_METHODS), neither
-of which stores the whole float[N, G, K] IoU matrix:
-- "tiled" (the default): PyTorch ops on tiles of candidates, on every device.
+Matching has two ways to compute the same result (`method` of `match`, runtime.MATCH_METHODS,
+which the Runtime chooses), neither of which stores the whole float[N, G, K] IoU matrix:
+- "tiled": PyTorch ops on tiles of candidates, on every device.
 - "triton": the Triton kernels of ops/match_triton.py (CUDA; on a CPU only interpreted), one
   pass over the ground truth per block of candidates, memory O(N x K).
 
@@ -13,11 +13,16 @@ Sampling draws random keys instead of calling `nonzero`: positives keep the top
 (S x positive_fraction) keys among positives, then one top-k over
 key = 2 + u (kept positive), 1 + u (negative), -1 (neither) picks S candidates, positives
 first. Every shape is fixed; how many samples are real is carried in a mask.
+
+Losses are divided by counts of samples: one process's (`local_counts`), or in data-parallel
+training the global batch's (`global_counts`, summed over the ranks).
 """
 
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
+from torch.distributed import _functional_collectives as funcol
 
 from maskrcnn.ops.boxes import box_iou
 
@@ -26,13 +31,11 @@ FOREGROUND, BACKGROUND, IGNORE = 1, 0, -1
 # Candidates matched at once (see `match`): 2 images x 100 ground-truth slots x 16384 anchors
 # is a 13 MB float32 IoU tile; the 800x1344 canvas has 268,569 anchors, 17 tiles.
 MATCH_TILE = 16384
-# The ways to compute `match`; see the module docstring.
-MATCH_METHODS = ("tiled", "triton")
 
 Keys = Callable[[torch.Tensor], torch.Tensor]  # labels int[N, K] -> float[N, K] in [0, 1)
 # Loss normalisers from the counts they divide by: float[C] -> float[C]. One process:
-# `local_counts`; data-parallel training passes distributed.global_counts, which sums the
-# counts over the ranks (see there).
+# `local_counts`; data-parallel training passes `global_counts`, which sums the counts over
+# the ranks.
 Normalizers = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -63,9 +66,23 @@ def local_counts(counts: torch.Tensor) -> torch.Tensor:
     return counts.clamp(min=1)
 
 
+def global_counts(counts: torch.Tensor) -> torch.Tensor:
+    """Loss normalisers from every rank's counts, so that data parallelism does the maths of
+    one process holding the whole global batch.
+
+    counts: float[C] this rank's counts (e.g. sampled anchors, foreground RoIs). Returns
+    float[C]: the counts summed over the ranks (at least 1), divided by the world size. A
+    rank's loss (its sum / this) averaged over the ranks, as DDP averages gradients, is then
+    the sum over all ranks / the count over all ranks. One small all-reduce per call, on the
+    device (functional collective: no host wait, traceable by torch.compile).
+    """
+    total = funcol.all_reduce(counts, "sum", dist.group.WORLD)
+    return total.clamp(min=1) / dist.get_world_size()
+
+
 def match(candidates: torch.Tensor, candidates_valid: torch.Tensor, gt_boxes: torch.Tensor,
           gt_valid: torch.Tensor, fg_iou: float, bg_iou: float, allow_low_quality: bool,
-          tile: int = MATCH_TILE, method: str = "tiled") -> tuple[torch.Tensor, torch.Tensor]:
+          method: str, tile: int = MATCH_TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """Assigns each candidate its best ground truth and a label.
 
     Args:
@@ -75,8 +92,8 @@ def match(candidates: torch.Tensor, candidates_valid: torch.Tensor, gt_boxes: to
         fg_iou, bg_iou: IoU >= fg_iou is FOREGROUND, < bg_iou BACKGROUND, between IGNORE.
         allow_low_quality: also make FOREGROUND every candidate whose IoU with some ground
             truth equals that ground truth's best IoU (> 0), so each object gets a candidate.
+        method: "tiled" or "triton" (see the module docstring; the Runtime checks the name).
         tile: candidates whose IoUs with the ground truth are computed at once ("tiled").
-        method: one of MATCH_METHODS (see the module docstring).
 
     Returns:
         matched int64[N, K] in 0..G-1 (0 where no valid ground truth), labels int64[N, K].
@@ -90,8 +107,6 @@ def match(candidates: torch.Tensor, candidates_valid: torch.Tensor, gt_boxes: to
     it, so the results are the same (tests). "triton" computes the same IoUs in the kernels
     (ops/match_triton.py) and the labels from them with the same code.
     """
-    if method not in MATCH_METHODS:
-        raise ValueError(f"unknown matching method {method!r}; expected one of {MATCH_METHODS}")
     n, k = gt_boxes.shape[0], candidates.shape[-2]
     if candidates.dim() == 2:
         candidates = candidates.unsqueeze(0).expand(n, -1, -1)

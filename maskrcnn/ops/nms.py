@@ -7,7 +7,8 @@ Semantics per row are torchvision's `batched_nms` over the row's valid boxes: gr
 suppressed by a kept box of the same group with IoU > iou_threshold, boxes are visited by
 descending score and among equal scores the lower index goes first.
 
-Four ways to compute it (`method`), with the same results:
+Four ways to compute it (`method`, runtime.NMS_METHODS: the Runtime chooses one per device
+and checks its name), with the same results:
 - "triton" (the GPU default): rows ranked with two stable sorts on the device, then one
   Triton kernel walks each row greedily (ops/nms_triton.py). No host synchronisation.
 - "torch" (the GPU default where Triton is absent, and the kernel's reference): the same
@@ -35,12 +36,9 @@ static output shapes), so the data-dependent steps of the last two methods cause
 break.
 """
 
-import importlib.util
-
 import torch
 from torchvision.ops import nms
 
-METHODS = ("triton", "torch", "per_cell", "shifted")
 # The methods with static shapes and no host synchronisation.
 STATIC_METHODS = ("triton", "torch")
 # Rows of the [B, K, K] suppression matrix of the "torch" method computed at once (bounds the
@@ -48,18 +46,10 @@ STATIC_METHODS = ("triton", "torch")
 IOU_CHUNK = 512
 
 
-def default_method(device: torch.device) -> str:
-    """The fastest method on a device: "per_cell" on a CPU; on a GPU "triton" where Triton is
-    installed, else "torch" (both free of host synchronisation)."""
-    if device.type == "cpu":
-        return "per_cell"
-    return "triton" if importlib.util.find_spec("triton") is not None else "torch"
-
-
 @torch.library.custom_op("maskrcnn::batched_nms_fixed", mutates_args=())
 def batched_nms_fixed(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
                       groups: torch.Tensor, iou_threshold: float, max_out: int,
-                      method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                      method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy NMS within each row and group, the first `max_out` kept boxes of each row.
 
     Args:
@@ -69,16 +59,12 @@ def batched_nms_fixed(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Te
         groups: int64[B, K]; boxes only suppress boxes of the same group (class, FPN level).
         iou_threshold: IoU above which the lower-scoring box is suppressed.
         max_out: O.
-        method: one of METHODS (see the module docstring), or "auto" for `default_method`.
+        method: "triton", "torch", "per_cell" or "shifted" (see the module docstring).
 
     Returns:
         indices int64[B, O] into K of the kept boxes, by descending score, and keep bool[B, O];
         slots past the last kept box hold index 0 and keep False.
     """
-    if method == "auto":
-        method = default_method(boxes.device)
-    if method not in METHODS:
-        raise ValueError(f"unknown NMS method {method!r}; expected one of {', '.join(METHODS)}")
     if method in STATIC_METHODS:
         return _nms_static(boxes, scores, valid, groups, iou_threshold, max_out, method)
     b, k = scores.shape
@@ -202,7 +188,7 @@ def _nms_per_cell(boxes: torch.Tensor, cell: torch.Tensor, iou_threshold: float)
 
 
 @batched_nms_fixed.register_fake
-def _(boxes, scores, valid, groups, iou_threshold, max_out, method="auto"):
+def _(boxes, scores, valid, groups, iou_threshold, max_out, method):
     b = scores.shape[0]
     return (scores.new_empty((b, max_out), dtype=torch.int64),
             scores.new_empty((b, max_out), dtype=torch.bool))

@@ -36,9 +36,10 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
 from maskrcnn.ops.boxes import clip_boxes, decode_boxes
-from maskrcnn.ops.nms import STATIC_METHODS, batched_nms_fixed, default_method
+from maskrcnn.ops.nms import STATIC_METHODS, batched_nms_fixed
 
-# RPN deltas are not weighted (torchvision, Detectron2).
+# RPN deltas are not weighted (torchvision and Detectron2 use (1, 1, 1, 1)); the RPN's box
+# targets (model/rpn.py) are encoded with the same weights.
 RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 
 
@@ -46,12 +47,9 @@ RPN_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 def _generate_proposals(objectness: list[torch.Tensor], deltas: list[torch.Tensor],
                         anchors: list[torch.Tensor], image_sizes: torch.Tensor,
                         pre_nms_topk: int, post_nms_topk: int, nms_threshold: float,
-                        min_size: float, nms_method: str = "auto") -> tuple[torch.Tensor,
-                                                                            torch.Tensor,
-                                                                            torch.Tensor]:
+                        min_size: float, nms_method: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
     """The op behind `generate_proposals` (which documents it), on detached inputs."""
-    if nms_method == "auto":
-        nms_method = default_method(image_sizes.device)
     boxes_per_level, logits_per_level, valid_per_level = [], [], []
     for level_logits, level_deltas, level_anchors in zip(objectness, deltas, anchors,
                                                          strict=True):
@@ -125,7 +123,7 @@ def _nms_levels_at_once(boxes: list[torch.Tensor], logits: list[torch.Tensor],
 
 @_generate_proposals.register_fake
 def _(objectness, deltas, anchors, image_sizes, pre_nms_topk, post_nms_topk, nms_threshold,
-      min_size, nms_method="auto"):
+      min_size, nms_method):
     n = image_sizes.shape[0]
     return (objectness[0].new_empty((n, post_nms_topk, 4), dtype=torch.float32),
             objectness[0].new_empty((n, post_nms_topk), dtype=torch.float32),
@@ -135,9 +133,8 @@ def _(objectness, deltas, anchors, image_sizes, pre_nms_topk, post_nms_topk, nms
 def generate_proposals(objectness: list[torch.Tensor], deltas: list[torch.Tensor],
                        anchors: list[torch.Tensor], image_sizes: torch.Tensor,
                        pre_nms_topk: int, post_nms_topk: int, nms_threshold: float,
-                       min_size: float, nms_method: str = "auto") -> tuple[torch.Tensor,
-                                                                           torch.Tensor,
-                                                                           torch.Tensor]:
+                       min_size: float, nms_method: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor]:
     """Proposals of every image (op `maskrcnn::generate_proposals`; no gradient flows).
 
     Args:
@@ -150,7 +147,7 @@ def generate_proposals(objectness: list[torch.Tensor], deltas: list[torch.Tensor
         post_nms_topk: P.
         nms_threshold: IoU above which a box is suppressed by a better one of its level.
         min_size: boxes with a side shorter than this (pixels) are dropped.
-        nms_method: how `batched_nms_fixed` runs (ops/nms.py), "auto" for the device's default.
+        nms_method: how `batched_nms_fixed` runs (ops/nms.py; the Runtime's `nms`).
 
     Returns:
         boxes float32[N, P, 4], scores float32[N, P] (the logits), valid bool[N, P]: by

@@ -6,7 +6,7 @@ RoIs are float[R, 5] (batch index, x1, y1, x2, y2) in input-image pixels.
 
 Semantics are those of ops/roi_align.py (torchvision.ops.roi_align with sampling_ratio > 0, each
 RoI on the level `levels` gives it); this is the "triton" method of `multilevel_roi_align`, the
-embedding_bag op there the "gather" one.
+embedding_bag op of ops/roi_align_gather.py the "gather" one.
 
 Forward: one program per (RoI, chunk of BINS of its P*P bins, block of BLOCK_C channels). It
 reads the RoI and its level, selects that level's pointer, size, strides and scale from the
@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from maskrcnn.ops.roi_align import check_args as check_gather_args
+from maskrcnn.ops.roi_align_gather import check_args as check_gather_args
 
 # Channels per program: the next power of two of C, at most this (a 256-channel FPN level takes
 # two channel blocks; a tap's 128 channels in channels-last are 256 or 512 contiguous bytes).

@@ -7,7 +7,6 @@ import torch
 
 from maskrcnn.config import load_config
 from maskrcnn.model.maskrcnn import build_model
-from maskrcnn.model.trim import foreground_slots, used_slots
 from maskrcnn.runtime import Runtime
 
 LOSS_KEYS = {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask"}
@@ -238,17 +237,6 @@ def test_trimmed_slots_give_the_same_losses_and_gradients():
     for name, grad in static_grads.items():
         torch.testing.assert_close(trimmed_grads[name], grad, rtol=1e-4, atol=1e-6,
                                    msg=name)
-
-
-def test_used_slots_counts_to_the_last_used_slot():
-    """If this fails, trimming cuts a used slot (a valid slot after an invalid one), gathers
-    the wrong foreground slots, or returns an empty set."""
-    used = torch.tensor([[True, False, False, False], [False, False, True, False]])
-    assert used_slots(used) == 3
-    assert used_slots(torch.zeros(2, 5, dtype=torch.bool)) == 1
-    assert used_slots(torch.zeros(2, 0, dtype=torch.bool)) == 1
-    assert foreground_slots(torch.tensor([False, True, False, True])).tolist() == [1, 3]
-    assert foreground_slots(torch.zeros(3, dtype=torch.bool)).tolist() == [0]
 
 
 def test_trimmed_detection_slots_give_the_same_detections():

@@ -162,13 +162,10 @@ def test_match_triton_degenerate_boxes():
     assert torch.equal(best, expected) and torch.isfinite(best).all()
 
 
-def test_match_triton_unknown_method_is_an_error():
-    """If this fails, a misspelt matching method is silently accepted (it would run the
-    tiled path) instead of raising a ValueError that names it, or the op accepts boxes in a
-    dtype its kernels do not read."""
+def test_match_triton_unsupported_dtype_is_an_error():
+    """If this fails, the op accepts boxes in a dtype its kernels do not read instead of
+    raising a ValueError that names it. (Misspelt methods: test_runtime.py.)"""
     candidates, valid, gt, gt_valid = _case(5, k=200)
-    with pytest.raises(ValueError, match="'trition'"):
-        match(candidates, valid, gt, gt_valid, 0.7, 0.3, True, method="trition")
     with pytest.raises(ValueError, match="float32"):
         match_triton(candidates.double(), valid, gt, gt_valid, True)
 

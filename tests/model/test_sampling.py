@@ -24,12 +24,13 @@ def test_match_labels_and_low_quality_matches():
                                [50.0, 50.0, 60.0, 60.0],  # IoU 0 -> background
                                [100.0, 100.0, 110.0, 110.0]])  # only matches padding
     matched, labels = match(candidates, torch.ones(4, dtype=torch.bool), gt, gt_valid, 0.7, 0.3,
-                            allow_low_quality=False)
+                            allow_low_quality=False, method="tiled")
     assert labels.tolist() == [[FOREGROUND, IGNORE, BACKGROUND, BACKGROUND]]
     assert matched[0, 0] == 0
     # Without the perfect candidate, the best remaining one (IoU 0.625) becomes foreground.
     valid = torch.tensor([False, True, True, True])
-    _, labels = match(candidates, valid, gt, gt_valid, 0.7, 0.3, allow_low_quality=True)
+    _, labels = match(candidates, valid, gt, gt_valid, 0.7, 0.3, allow_low_quality=True,
+                      method="tiled")
     assert labels.tolist() == [[IGNORE, FOREGROUND, BACKGROUND, BACKGROUND]]
 
 
@@ -96,7 +97,7 @@ def test_tiled_match_equals_the_whole_matrix(tile, shared):
     a ground truth's best IoU, a tie, or the low-quality rule."""
     for low_quality, thresholds in ((True, (0.7, 0.3)), (False, (0.5, 0.5))):
         args = (*_random_matching_case(tile, shared=shared), *thresholds, low_quality)
-        ours = match(*args, tile=tile)
+        ours = match(*args, "tiled", tile=tile)
         ref = match_reference(*args)
         assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
         assert (ref[1] == FOREGROUND).sum() > 3  # the case has positives
@@ -113,6 +114,6 @@ def test_match_reference_accepts_zero_candidates(shared):
     valid = torch.zeros(candidates.shape[:-1], dtype=torch.bool)
     for low_quality in (True, False):
         ref = match_reference(candidates, valid, gt, gt_valid, 0.7, 0.3, low_quality)
-        ours = match(candidates, valid, gt, gt_valid, 0.7, 0.3, low_quality)
+        ours = match(candidates, valid, gt, gt_valid, 0.7, 0.3, low_quality, "tiled")
         for r, o in zip(ref, ours, strict=True):
             assert r.shape == o.shape == (2, 0) and r.dtype == o.dtype == torch.int64

@@ -6,8 +6,9 @@ import torch
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from maskrcnn.ops.nms import METHODS, batched_nms_fixed
+from maskrcnn.ops.nms import batched_nms_fixed
 from maskrcnn.ops.proposals import generate_proposals, generate_proposals_reference
+from maskrcnn.runtime import NMS_METHODS
 
 # A 64 x 96 canvas; level shapes (H_l, W_l) for strides 8, 16, 32 with 3 anchors per location.
 CANVAS = (64, 96)
@@ -34,7 +35,7 @@ def _random_rpn_outputs(seed):
     return objectness, deltas, anchors
 
 
-@pytest.fixture(params=METHODS)
+@pytest.fixture(params=NMS_METHODS)
 def nms_method(request):
     """Proposal tests run with every NMS method (ops/nms.py; the Triton kernel interpreted on
     a CPU): the synchronisation-free ones take all levels in one call, the others one per
@@ -85,7 +86,7 @@ def test_matches_torchvision_filter_proposals():
         decoded, torch.cat(objectness, dim=1), [tuple(s) for s in IMAGE_SIZES.tolist()],
         [a.shape[0] for a in anchors])
     boxes, scores, valid = generate_proposals(objectness, deltas, anchors, IMAGE_SIZES, 50, 100,
-                                              0.6, 1.5)
+                                              0.6, 1.5, "per_cell")
     for i in range(2):
         count = theirs_boxes[i].shape[0]
         assert valid[i, :count].all() and not valid[i, count:].any()
@@ -136,15 +137,16 @@ def test_no_gradient():
     objectness, deltas, anchors = _random_rpn_outputs(seed=2)
     objectness = [o.requires_grad_() for o in objectness]
     deltas = [d.requires_grad_() for d in deltas]
-    outputs = generate_proposals(objectness, deltas, anchors, IMAGE_SIZES, 20, 10, 0.7, 0.0)
+    outputs = generate_proposals(objectness, deltas, anchors, IMAGE_SIZES, 20, 10, 0.7, 0.0,
+                                 "per_cell")
     assert not any(t.requires_grad for t in outputs)
 
 
 def _proposals_then_nms(objectness, deltas, anchors, image_sizes):
     boxes, scores, valid = generate_proposals(objectness, deltas, anchors, image_sizes, 30, 40,
-                                              0.7, 1.0)
+                                              0.7, 1.0, "per_cell")
     groups = (boxes[..., 2] - boxes[..., 0] > 20).long()
-    index, keep = batched_nms_fixed(boxes, scores, valid, groups, 0.3, 25)
+    index, keep = batched_nms_fixed(boxes, scores, valid, groups, 0.3, 25, "per_cell")
     return boxes.gather(1, index.unsqueeze(-1).expand(-1, -1, 4)) * keep.unsqueeze(-1), keep
 
 
@@ -153,7 +155,7 @@ def test_ops_trace_without_graph_breaks():
     (a graph break or a wrong fake implementation), which the static-shape design needs."""
     inputs = (*_random_rpn_outputs(seed=3), IMAGE_SIZES)
     torch.library.opcheck(torch.ops.maskrcnn.generate_proposals.default,
-                          (*inputs[:4], 30, 40, 0.7, 1.0))
+                          (*inputs[:4], 30, 40, 0.7, 1.0, "per_cell"))
     explanation = torch._dynamo.explain(_proposals_then_nms)(*inputs)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     compiled = torch.compile(_proposals_then_nms, backend="eager", fullgraph=True)

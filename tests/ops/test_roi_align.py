@@ -11,10 +11,9 @@ from maskrcnn.ops.roi_align import (
     assign_levels,
     multilevel_roi_align,
     roi_align,
-    roi_align_levels,
-    roi_align_levels_backward,
     roi_align_reference,
 )
+from maskrcnn.ops.roi_align_gather import roi_align_levels, roi_align_levels_backward
 
 # Edge-case RoIs for a 13 x 17 map at spatial scale 0.5 (a 26 x 34 px image), one per row:
 EDGE_ROIS = [
@@ -55,7 +54,7 @@ def test_roi_align_matches_torchvision(aligned, sampling_ratio):
     features = _features(2, 5, 13, 17, seed=0)
     for output_size, scale in ((7, 0.5), (4, 0.3)):
         rois = _random_rois(60, 2, 17 / scale, 13 / scale, seed=output_size)
-        ours = roi_align(features, rois, output_size, scale, sampling_ratio, aligned)
+        ours = roi_align(features, rois, output_size, scale, sampling_ratio, aligned, "gather")
         expected = tv_roi_align(features, rois, output_size, scale, sampling_ratio, aligned)
         assert ours.shape == (60, 5, output_size, output_size) and ours.dtype == torch.float32
         torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
@@ -69,7 +68,7 @@ def test_roi_align_matches_reference_float64(aligned, sampling_ratio):
     edge-case test)."""
     features = _features(2, 3, 9, 11, seed=1, dtype=torch.float64)
     rois = _random_rois(12, 2, 11 / 0.5, 9 / 0.5, seed=2, dtype=torch.float64)
-    ours = roi_align(features, rois, 3, 0.5, sampling_ratio, aligned)
+    ours = roi_align(features, rois, 3, 0.5, sampling_ratio, aligned, "gather")
     expected = roi_align_reference(features, rois, 3, 0.5, sampling_ratio, aligned)
     assert ours.dtype == torch.float64
     torch.testing.assert_close(ours, expected, atol=1e-12, rtol=1e-12)
@@ -87,9 +86,9 @@ def test_roi_align_hand_cases(method):
         [0, 4.0, 3.0, 6.2, 5.2],  # not aligned: x = 5.1 > W -> 0
         [0, 1.0, 1.0, 1.0, 1.0],  # not aligned: a point grows to 1 px: sample (1.5, 1.5)
     ])
-    aligned = roi_align(features, rois[:1], 1, 1.0, 1, True, method=method).flatten()
+    aligned = roi_align(features, rois[:1], 1, 1.0, 1, True, method).flatten()
     torch.testing.assert_close(aligned, torch.tensor([5.5]))
-    not_aligned = roi_align(features, rois, 1, 1.0, 1, False, method=method).flatten()
+    not_aligned = roi_align(features, rois, 1, 1.0, 1, False, method).flatten()
     torch.testing.assert_close(not_aligned, torch.tensor([11.0, 34.0, 0.0, 16.5]))
 
 
@@ -100,7 +99,7 @@ def test_roi_align_edge_cases(aligned):
     sample lands on the map), or get other gradients."""
     features = _features(2, 4, 13, 17, seed=3).requires_grad_()
     rois = torch.tensor(EDGE_ROIS)
-    ours = roi_align(features, rois, 5, 0.5, 2, aligned)
+    ours = roi_align(features, rois, 5, 0.5, 2, aligned, "gather")
     expected = tv_roi_align(features, rois, 5, 0.5, 2, aligned)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
     reference = roi_align_reference(features.detach().double(), rois.double(), 5, 0.5, 2, aligned)
@@ -118,8 +117,8 @@ def test_zero_rois():
     features = [_features(2, 3, 8, 12, seed=5).requires_grad_(),
                 _features(2, 3, 4, 6, seed=6).requires_grad_()]
     rois = torch.zeros(0, 5)
-    single = roi_align(features[0], rois, 7, 0.25, 2, True)
-    multi = multilevel_roi_align(features, rois, 7, [4, 8])
+    single = roi_align(features[0], rois, 7, 0.25, 2, True, "gather")
+    multi = multilevel_roi_align(features, rois, 7, [4, 8], 2, True, "gather")
     assert single.shape == multi.shape == (0, 3, 7, 7)
     grads = torch.autograd.grad(single.sum() + multi.sum(), features)
     for grad, f in zip(grads, features, strict=True):
@@ -173,7 +172,7 @@ def test_multilevel_matches_torchvision_per_level(aligned):
     strides = [4, 8, 16, 32]
     features = _pyramid(strides, 2, 3, 128, 192, seed=10)
     rois = _multiscale_rois(80, 2, 128, 192, seed=11)
-    ours = multilevel_roi_align(features, rois, 5, strides, 2, aligned)
+    ours = multilevel_roi_align(features, rois, 5, strides, 2, aligned, "gather")
     levels = assign_levels(rois[:, 1:], 2, 5) - 2
     assert set(levels.tolist()) == {0, 1, 2, 3}
     expected = torch.zeros_like(ours)
@@ -199,7 +198,7 @@ def test_multilevel_matches_multiscale_roi_align():
     pooler = MultiScaleRoIAlign(names, 7, sampling_ratio=2)
     per_image = [rois[rois[:, 0] == i, 1:] for i in range(2)]
     expected = pooler(dict(zip(names, features, strict=True)), per_image, [(128, 192)] * 2)
-    ours = multilevel_roi_align(features, rois, 7, strides, 2, aligned=False)
+    ours = multilevel_roi_align(features, rois, 7, strides, 2, False, "gather")
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -210,7 +209,8 @@ def test_gradient_matches_reference_float64():
     rois = torch.tensor(EDGE_ROIS, dtype=torch.float64)
     grad = _features(len(EDGE_ROIS), 2, 3, 3, seed=16, dtype=torch.float64)
     for aligned in (True, False):
-        ours, = torch.autograd.grad(roi_align(features, rois, 3, 0.5, 2, aligned), features, grad)
+        ours, = torch.autograd.grad(roi_align(features, rois, 3, 0.5, 2, aligned, "gather"),
+                                    features, grad)
         expected, = torch.autograd.grad(
             roi_align_reference(features, rois, 3, 0.5, 2, aligned), features, grad)
         torch.testing.assert_close(ours, expected, atol=1e-12, rtol=1e-12)
@@ -239,7 +239,7 @@ def test_low_precision_features():
     features = _features(2, 4, 13, 17, seed=18)
     rois = _random_rois(20, 2, 34.0, 26.0, seed=19)
     low = features.bfloat16().requires_grad_()
-    ours = roi_align(low, rois, 5, 0.5, 2, True)
+    ours = roi_align(low, rois, 5, 0.5, 2, True, "gather")
     assert ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours.float(), tv_roi_align(features, rois, 5, 0.5, 2, True),
                                atol=3e-2, rtol=3e-2)
@@ -253,9 +253,9 @@ def test_invalid_arguments():
     features = [_features(1, 2, 8, 8, seed=20), _features(1, 2, 4, 4, seed=21)]
     rois = torch.tensor([[0, 0.0, 0.0, 8.0, 8.0]])
     with pytest.raises(ValueError, match="sampling_ratio"):
-        roi_align(features[0], rois, 2, 1.0, 0, True)
+        roi_align(features[0], rois, 2, 1.0, 0, True, "gather")
     with pytest.raises(ValueError, match="strides"):
-        multilevel_roi_align(features, rois, 2, [4, 12])
+        multilevel_roi_align(features, rois, 2, [4, 12], 2, True, "gather")
 
 
 def test_library_registration():
@@ -280,7 +280,8 @@ def test_compiles_without_graph_breaks():
     rois = _multiscale_rois(10, 2, 64, 96, seed=26)
 
     def pool_and_reduce(features, rois):
-        return multilevel_roi_align(features, rois, 4, strides, 2, True).square().sum()
+        return multilevel_roi_align(features, rois, 4, strides, 2, True,
+                                    "gather").square().sum()
 
     explanation = torch._dynamo.explain(pool_and_reduce)(features, rois)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1

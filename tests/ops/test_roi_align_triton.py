@@ -149,22 +149,19 @@ def test_roi_align_triton_zero_rois():
     """If this fails, an empty RoI batch breaks the Triton forward (shape [0, C, P, P]) or its
     backward (zero gradients of the features' shapes)."""
     features = _pyramid([4, 8], 2, 3, 16, 24, seed=14)
-    pooled = multilevel_roi_align(features, torch.zeros(0, 5), 7, [4, 8], method="triton")
+    pooled = multilevel_roi_align(features, torch.zeros(0, 5), 7, [4, 8], 2, True,
+                                  method="triton")
     assert pooled.shape == (0, 3, 7, 7)
     grads = torch.autograd.grad(pooled.sum(), features)
     for grad, f in zip(grads, features, strict=True):
         assert grad.shape == f.shape and (grad == 0).all()
 
 
-def test_roi_align_triton_unknown_method_is_an_error():
-    """If this fails, a misspelt ROIAlign method (or unsupported feature dtype for "triton") is
-    silently accepted instead of raising a ValueError that names it."""
+def test_roi_align_triton_unsupported_dtype_is_an_error():
+    """If this fails, an unsupported feature dtype for "triton" is silently accepted instead of
+    raising a ValueError that names it. (Misspelt methods: test_runtime.py.)"""
     features = [_features(1, 2, 8, 8, seed=15), _features(1, 2, 4, 4, seed=16)]
     rois = torch.tensor([[0, 0.0, 0.0, 8.0, 8.0]])
-    with pytest.raises(ValueError, match="'trition'"):
-        multilevel_roi_align(features, rois, 2, [4, 8], method="trition")
-    with pytest.raises(ValueError, match="'gathr'"):
-        roi_align(features[0], rois, 2, 1.0, 2, True, method="gathr")
     with pytest.raises(ValueError, match="float64"):
         roi_align(features[0].double(), rois, 2, 1.0, 2, True, method="triton")
 
