@@ -57,7 +57,6 @@ flags.DEFINE_string("baseline", "none", "none, or torchvision: also time torchvi
                     "R-CNN at equivalent settings on the same batch, and print the ratios.")
 flags.DEFINE_integer("steps", 20, "Timed steps per measurement (and timed runs per op).")
 flags.DEFINE_integer("warmup", 5, "Untimed steps before each measurement.")
-flags.DEFINE_string("json_out", None, "Also write the full report as JSON to this file.")
 flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s that MFU is stated against; 0 = the "
                    "GPU's datasheet value, or on a CPU the measured rate of a large matmul.")
 flags.DEFINE_bool("baseline_cudnn_benchmark", False, "cuDNN autotuning for torchvision's side "

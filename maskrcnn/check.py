@@ -39,10 +39,9 @@ from maskrcnn.model.maskrcnn import build_model
 from maskrcnn.ops.boxes import box_iou
 from maskrcnn.runtime import Runtime, resolve_device
 
-flags.DEFINE_string("json_out", None, "Also write the table's rows as JSON to this file.")
-flags.DEFINE_integer("steps", 8, "CUDA only: training steps replayed as a CUDA graph against "
+flags.DEFINE_integer("graph_steps", 8, "CUDA only: training steps replayed as a CUDA graph against "
                      "the same steps run eagerly.")
-flags.DEFINE_integer("seed", 0, "Seed of the random inputs of the op comparisons.")
+flags.DEFINE_integer("input_seed", 0, "Seed of the random inputs of the op comparisons.")
 
 # Every GPU method of each op, checked on CUDA whatever the config selects.
 GPU_METHODS = {"nms": ("triton", "torch", "shifted"), "roi_align": ("triton", "gather"),
@@ -288,8 +287,8 @@ def _device() -> torch.device:
 
 
 def main() -> None:
-    if FLAGS.steps < 1:
-        raise ConfigError(f"--steps={FLAGS.steps}: must be at least 1")
+    if FLAGS.graph_steps < 1:
+        raise ConfigError(f"--graph_steps={FLAGS.graph_steps}: must be at least 1")
     device = _device()
     config = config_from_flags(data=False)
     if device.type == "cuda":
@@ -302,7 +301,7 @@ def main() -> None:
     print(f"maskrcnn-check on {device} ({where}; torch {torch.__version__}), config "
           f"{FLAGS.config}: {Runtime.for_config(config, device).describe()}", flush=True)
     start = time.perf_counter()
-    rows, syncs = run_checks(config, device, FLAGS.steps, FLAGS.seed)
+    rows, syncs = run_checks(config, device, FLAGS.graph_steps, FLAGS.input_seed)
     seconds = time.perf_counter() - start
     print(format_table(rows))
     if syncs:

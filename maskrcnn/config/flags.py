@@ -35,6 +35,9 @@ flags.DEFINE_float("dist_timeout_s", 600, "Under torchrun: seconds any collectiv
                    "for the other ranks before the job stops with an error naming the rank "
                    "and the operation. Must exceed rank 0's COCO scoring time at evaluations.")
 
+flags.DEFINE_string("json_out", None, "maskrcnn-benchmark and maskrcnn-check: also write the "
+                    "report (the check's rows) as JSON to this file.")
+
 FLAGS = flags.FLAGS
 DATA_FLAGS = ("train_json", "train_images", "val_json", "val_images")
 
