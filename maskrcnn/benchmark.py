@@ -178,7 +178,7 @@ def set_up_ours(config: Config, batch: Batch,
 
         def count():
             # RoIs in the mask head: the static F slots per image, fewer where the CPU trims
-            # slots without foreground (model/trim.py).
+            # slots without foreground (Runtime.slots).
             hook = trainer.model.roi_heads.mask_head.register_forward_hook(
                 lambda module, args, out: last.update(mask_rois=args[0].shape[0]))
             try:
