@@ -12,11 +12,13 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn.config import config_pb2
+from maskrcnn.config import config_pb2, load_config
 from maskrcnn.data.batch import Batch
 from maskrcnn.data.coco import DatasetError
+from maskrcnn.data.loader import build_dataset, build_eval_loader, read_coco, resolve_data_paths
 from maskrcnn.engine.evaluate import (
     STAT_NAMES,
+    Evaluator,
     coco_api,
     detections_to_coco,
     load_ground_truth,
@@ -25,7 +27,9 @@ from maskrcnn.engine.evaluate import (
     score,
     score_results,
 )
-from tests.tiny import REPO, run_module
+from maskrcnn.engine.hooks import workers_ignore_stop_signals
+from maskrcnn.model.maskrcnn import build_model
+from tests.tiny import REPO, TINY, run_module
 
 COCOAPI = REPO / "tests" / "assets" / "cocoapi-eval"
 # The cocoapi's published scores of its fake results on 100 val2014 images
@@ -237,3 +241,22 @@ def test_malformed_results_files_are_one_line(gt, tmp_path, content, message):
     with pytest.raises(DatasetError) as caught:
         read_results(path, coco)
     assert message in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_the_evaluator_scores_on_its_own_loader_and_ends_its_workers(tmp_path, cache):
+    """If this fails, the Evaluator does not evaluate on the loader it was given each time,
+    or leaves the loader's workers running after an evaluation (they ignore SIGTERM, so a
+    process that still holds the loader would hang at exit)."""
+    config = load_config("shapes", [*TINY, "data { num_workers: 1 }"])
+    paths = resolve_data_paths(config)
+    coco = read_coco(paths.val_json, paths.val_images, train=False,
+                     num_classes=config.model.num_classes)
+    loader = workers_ignore_stop_signals(build_eval_loader(
+        config, build_dataset(config, coco, train=False)))
+    torch.manual_seed(0)
+    evaluator = Evaluator(build_model(config), loader, coco, tmp_path, torch.device("cpu"),
+                          log=lambda text: None)
+    for _ in range(2):
+        metrics = evaluator()
+        assert evaluator.loader is loader and loader._iterator is None
+        assert {"bbox/AP", "segm/AP"} <= metrics.keys()
