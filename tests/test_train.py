@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from maskrcnn.config import load_config
-from maskrcnn.engine.trainer import Trainer
+from maskrcnn.engine.distributed import Process
+from maskrcnn.train import build_trainer
 from tests.tiny import REPO, TINY, run_module
 
 SHORT = "solver { epochs: 1 images_per_epoch: 4 warmup_steps: 1 lr_decay_epochs: [1] }"
@@ -108,7 +109,8 @@ def test_corrupt_image_mid_run_keeps_the_steps_done(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     config = load_config("shapes", [*overrides, f"run {{ output_dir: '{out}' }}"])
     monkeypatch.setenv("MASKRCNN_CACHE", str(cache))
-    trainer = Trainer(config, torch.device("cpu"), log=lambda text: None)
+    trainer = build_trainer(config, Process(0, 1, 0, torch.device("cpu")),
+                            log=lambda text: None)
     seen = set()
     for epoch in (0, 1):
         trainer.sampler.set_epoch(epoch)

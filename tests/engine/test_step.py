@@ -11,9 +11,11 @@ import maskrcnn
 from maskrcnn.bench.step import bench_step
 from maskrcnn.bench.synthetic import synthetic_batch
 from maskrcnn.config import load_config
+from maskrcnn.engine.distributed import Process
 from maskrcnn.engine.step import LOSS_KEYS, TrainStep, model_inputs
 from maskrcnn.engine.trainer import Trainer
 from maskrcnn.runtime import Runtime
+from maskrcnn.train import build_trainer
 from tests.tiny import TINY
 
 
@@ -26,7 +28,8 @@ def test_trainer_and_benchmark_build_the_same_step(tmp_path, cache):
     assert not TrainStep.__subclasses__() and not Trainer.__subclasses__()
     config = load_config("shapes", [*TINY, f"run {{ output_dir: '{tmp_path}' }}"])
     bench = bench_step(config, torch.device("cpu"))
-    trainer = Trainer(config, torch.device("cpu"), log=lambda text: None)
+    trainer = build_trainer(config, Process(0, 1, 0, torch.device("cpu")),
+                            log=lambda text: None)
     assert type(bench) is TrainStep and type(trainer.train_step) is TrainStep
     assert trainer.model is trainer.train_step.model
     # The same seed and config: the same initial weights, and one step changes them alike.
