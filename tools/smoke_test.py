@@ -22,7 +22,7 @@ cannot train and evaluate.
    evaluates it; `maskrcnn-eval` scores the checkpoint with the same AP (0.000 after 2 steps:
    that the command runs); and `maskrcnn-eval` scores the checked-in trained checkpoint
    (tests/assets/shapes-tiny, tests/shapes_checkpoint.py) with the AP training printed for
-   it (box 0.070, mask 0.085), which a model built or fed differently would not reach.
+   it (box 0.307, mask 0.217), which a model built or fed differently would not reach.
 """
 
 import argparse
@@ -145,7 +145,7 @@ def ap(text: str) -> tuple[str, str]:
 
 def evaluate_trained_checkpoint(bin_dir: Path, env: dict[str, str]) -> tuple[float, float]:
     """maskrcnn-eval on the checked-in trained checkpoint: its (box AP, mask AP), which must
-    be what training printed, above 0.05."""
+    be what training printed, above 0.2."""
     spec = importlib.util.spec_from_file_location(
         "shapes_checkpoint", REPO / "tests" / "shapes_checkpoint.py")
     shapes = importlib.util.module_from_spec(spec)
@@ -155,7 +155,7 @@ def evaluate_trained_checkpoint(bin_dir: Path, env: dict[str, str]) -> tuple[flo
                      "--output_dir=eval-shapes", "--device=cpu", env=env)
     found = tuple(map(float, ap(evaluation.stdout)))
     trained = shapes.scores()
-    assert found == trained and min(found) > 0.05, (evaluation.stdout, trained)
+    assert found == trained and min(found) > 0.2, (evaluation.stdout, trained)
     return found
 
 
