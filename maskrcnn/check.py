@@ -33,7 +33,7 @@ from maskrcnn.cli import run_command
 from maskrcnn.config import Config, ConfigError
 from maskrcnn.config.config_pb2 import FP32
 from maskrcnn.config.flags import FLAGS, config_from_flags
-from maskrcnn.engine.kernel_check import Comparison, Sizes, compare_op, first_line
+from maskrcnn.engine.kernel_check import Comparison, Sizes, compare_op, first_line, relative
 from maskrcnn.engine.step import model_inputs
 from maskrcnn.model.maskrcnn import build_model
 from maskrcnn.ops.boxes import box_iou
@@ -64,16 +64,6 @@ COLUMNS = ("op", "method", "reference", "largest diff", "tolerance", "ms", "verd
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _relative(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |ours - ref| / max |ref|; inf for another shape or a non-finite value."""
-    ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()
-    if ours.shape != ref.shape or not torch.isfinite(ours).all():
-        return math.inf
-    if ref.numel() == 0:
-        return 0.0
-    return ((ours - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
 
 
 def _variant(config: Config, **run) -> Config:
@@ -174,9 +164,9 @@ def check_model(config: Config, device: torch.device) -> list[Comparison]:
     unmatched = int(det["valid"].sum()) - matched + abs(
         int(det["valid"].sum()) - int(ref_det["valid"].sum()))
     method = f"{runtime.nms}/{runtime.roi_align}/{runtime.match}"  # NMS/ROIAlign/matching
-    return [Comparison("model losses", method, "cpu", _relative(losses, ref_losses),
+    return [Comparison("model losses", method, "cpu", relative(losses, ref_losses),
                        MODEL_LOSS_TOLERANCE, ms),
-            Comparison("model gradients", method, "cpu", _relative(grads, ref_grads),
+            Comparison("model gradients", method, "cpu", relative(grads, ref_grads),
                        MODEL_GRAD_TOLERANCE, ms),
             Comparison("model detections", method, "cpu", float(unmatched), 0, math.nan)]
 
@@ -209,11 +199,11 @@ def check_cuda_graph(config: Config, device: torch.device, steps: int) -> list[C
     params = [torch.cat([p.detach().flatten().float() for p in sides[g].parameters])
               for g in (True, False)]
     return [Comparison(f"cuda_graph losses ({steps} steps)", "graph", "eager",
-                       _relative(torch.stack(losses[True]), torch.stack(losses[False])),
+                       relative(torch.stack(losses[True]), torch.stack(losses[False])),
                        GRAPH_LOSS_TOLERANCE, ms[True]),
-            Comparison("cuda_graph weights", "graph", "eager", _relative(*params),
+            Comparison("cuda_graph weights", "graph", "eager", relative(*params),
                        GRAPH_WEIGHT_TOLERANCE, ms[True]),
-            Comparison("cuda_graph LR", "graph", "eager", _relative(
+            Comparison("cuda_graph LR", "graph", "eager", relative(
                 sides[True].lr.value(), sides[False].lr.value()), 0, ms[False])]
 
 
@@ -274,22 +264,10 @@ def report_json(rows: list[Comparison], device: torch.device, config_name: str,
                          for k, v in dataclasses.asdict(r).items()}, "ok": r.ok} for r in rows]}
 
 
-def _device() -> torch.device:
-    try:
-        device = resolve_device(FLAGS.device)
-    except RuntimeError:
-        raise ConfigError(f"--device={FLAGS.device}: must be cpu, cuda, cuda:K or auto") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device={FLAGS.device}: must be cpu, cuda, cuda:K or auto")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device={FLAGS.device}: no CUDA device is available")
-    return device
-
-
 def main() -> None:
     if FLAGS.graph_steps < 1:
         raise ConfigError(f"--graph_steps={FLAGS.graph_steps}: must be at least 1")
-    device = _device()
+    device = resolve_device(FLAGS.device)
     config = config_from_flags(data=False)
     if device.type == "cuda":
         # FP32 comparisons with the CPU: no TF32 rounding of matrix products on the device.

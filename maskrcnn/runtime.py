@@ -178,7 +178,9 @@ def _triton_runs(device: torch.device) -> bool:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' is the GPU when there is one, else the CPU.
+    """The device a --device flag names: cpu, cuda, cuda:K, or auto (the GPU when there is one,
+    else the CPU). Raises ConfigError, naming the flag, for anything else or a GPU that is not
+    there.
 
     On a GPU this also turns on cuDNN's autotuning (torch.backends.cudnn.benchmark): every
     batch has one of the config's few canvas shapes, so each convolution's tuned algorithm is
@@ -186,7 +188,14 @@ def resolve_device(name: str) -> torch.device:
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device={name}: must be cpu, cuda, cuda:K or auto")
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device={name}: no CUDA device is available")
         torch.backends.cudnn.benchmark = True
     return device

@@ -9,7 +9,7 @@ from maskrcnn.config import ConfigError, config_pb2, load_config
 from maskrcnn.engine.step import model_inputs
 from maskrcnn.model.maskrcnn import build_model
 from maskrcnn.model.sampling import global_batch_keys, global_counts, local_counts
-from maskrcnn.runtime import Runtime
+from maskrcnn.runtime import Runtime, resolve_device
 from tests.tiny import TINY
 
 
@@ -161,3 +161,16 @@ def test_cuda_graph_switch_and_the_line_that_says_what_runs():
     assert not Runtime.for_config(config, "cuda").cuda_graph
     assert Runtime.for_config(config, "cpu").describe() == (
         "nms per_cell, roi_align gather, match tiled, cuda graph off")
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("tpu", "--device=tpu: must be cpu, cuda, cuda:K or auto"),
+    ("mps", "--device=mps: must be cpu, cuda, cuda:K or auto"),
+    ("cuda:x", "--device=cuda:x: must be cpu, cuda, cuda:K or auto"),
+])
+def test_a_bad_device_flag_is_one_config_error(flag, message):
+    """If this fails, a misspelt --device ends a command in torch's traceback (or runs on a
+    device our ops do not support) instead of one line naming the flag."""
+    with pytest.raises(ConfigError, match=message):
+        resolve_device(flag)
+    assert resolve_device("cpu") == torch.device("cpu")

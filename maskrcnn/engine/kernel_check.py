@@ -172,7 +172,7 @@ def _warm_timed(fn: Callable[[], object], device: torch.device) -> tuple[object,
     return _timed(fn, device)
 
 
-def _relative(ours: torch.Tensor, ref: torch.Tensor) -> float:
+def relative(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max |ref| in float64; inf for another shape or a non-finite value."""
     ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()
     if ours.shape != ref.shape or not torch.isfinite(ours).all():
@@ -258,8 +258,8 @@ def _compare_proposals(method: str, device: torch.device, sizes: Sizes,
     diff = _count_different((valid, ref_valid))
     if diff == 0:
         valid = valid.cpu()
-        diff = max(_relative(boxes.cpu()[valid], ref_boxes[ref_valid]),
-                   _relative(scores.cpu()[valid], ref_scores[ref_valid]))
+        diff = max(relative(boxes.cpu()[valid], ref_boxes[ref_valid]),
+                   relative(scores.cpu()[valid], ref_scores[ref_valid]))
     return [Comparison("proposals", method, reference, diff, PROPOSALS_TOLERANCE, ms)]
 
 
@@ -321,12 +321,12 @@ def _compare_roi_align(method: str, device: torch.device, sizes: Sizes,
             ours(leaves()).backward(grad)  # warm-up: compiles both kernels (_warm_timed)
         forward_leaves = leaves()
         pooled, forward_ms = _timed(lambda: ours(forward_leaves), device)
-        rows.append(Comparison("roi_align", method, reference, _relative(pooled, ref_pooled),
+        rows.append(Comparison("roi_align", method, reference, relative(pooled, ref_pooled),
                                ROI_ALIGN_TOLERANCE, forward_ms))
         _, backward_ms = _timed(lambda: pooled.backward(grad), device)
         grads = torch.cat([x.grad.flatten() for x in forward_leaves])
         rows.append(Comparison("roi_align_backward", method, reference,
-                               _relative(grads, ref_grads), ROI_ALIGN_TOLERANCE, backward_ms))
+                               relative(grads, ref_grads), ROI_ALIGN_TOLERANCE, backward_ms))
     except Exception as error:  # noqa: BLE001 (a broken kernel is a result, not a crash)
         rows += [Comparison(op, method, reference, math.inf, ROI_ALIGN_TOLERANCE, math.nan,
                             first_line(error))
@@ -381,7 +381,7 @@ def _compare_paste_masks(method: str, device: torch.device, sizes: Sizes,
     pasted, ms = _warm_timed(lambda: paste_masks(masks_d, boxes_d, h, w), device)
     first = min(d, PASTE_REFERENCE_DETECTIONS)
     ref = paste_masks_reference(masks[:1, :first], boxes[:1, :first], h, w)
-    return [Comparison("paste_masks", method, "reference", _relative(pasted[:1, :first], ref),
+    return [Comparison("paste_masks", method, "reference", relative(pasted[:1, :first], ref),
                        PASTE_TOLERANCE, ms)]
 
 
