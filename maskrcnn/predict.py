@@ -22,6 +22,7 @@ from maskrcnn.engine.fallback import verify_kernels
 from maskrcnn.engine.predictions import (
     draw_ground_truth,
     draw_predictions,
+    drawn_results,
     ground_truth_by_file,
     predict,
 )
@@ -71,7 +72,7 @@ def main() -> None:
                                                      category_ids), strict=True):
         picture = output_dir / f"{path.stem}.png"
         drawn = draw_predictions(image, results, category_ids, class_names, FLAGS.draw_threshold)
-        shown = sum(r["score"] >= FLAGS.draw_threshold for r in results)
+        shown = len(drawn_results(results, FLAGS.draw_threshold))  # one per object, as drawn
         if path.name in ground_truth:
             entry, instances = ground_truth[path.name]
             if [entry["height"], entry["width"]] != list(image.shape[:2]):
