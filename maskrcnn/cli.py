@@ -17,12 +17,12 @@ from absl import app
 
 from maskrcnn.config import ConfigError
 from maskrcnn.data.coco import DatasetError
+from maskrcnn.data.loader import user_message
 from maskrcnn.engine import distributed
 from maskrcnn.engine.checkpoint import CheckpointError
 from maskrcnn.engine.distributed import DistributedError
 from maskrcnn.engine.evaluate import EvaluationStopped
 from maskrcnn.engine.hooks import NonFiniteLossError, TrainingStopped
-from maskrcnn.engine.trainer import user_message
 
 
 def run_command(main: Callable[[], None]) -> None:

@@ -116,3 +116,13 @@ def build_eval_loader(config: Config, dataset: DetectionDataset, *, rank: int = 
     batches = evaluation_batches(dataset.canvas_of, config.run.images_per_gpu,
                                  num_replicas=world_size, rank=rank)
     return _loader(dataset, batches, config.data.num_workers)
+
+
+def user_message(error: Exception) -> str:
+    """The user's one-line message of an error (cli.py prints it; the trainer words a bad
+    image's with it). An error raised in a DataLoader worker arrives wrapped with the worker's
+    traceback; its last line is the original "module.Class: message"."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from maskrcnn.data.batch import Batch
 from maskrcnn.data.coco import CocoDataset, DatasetError
+from maskrcnn.data.loader import user_message
 from maskrcnn.engine import checkpoint as ckpt
 from maskrcnn.engine import distributed
 from maskrcnn.engine.evaluate import EvaluationStopped, Evaluator
@@ -43,15 +44,6 @@ from maskrcnn.engine.hooks import (
     end_workers,
 )
 from maskrcnn.engine.step import TrainStep, unwrap
-
-
-def user_message(error: Exception) -> str:
-    """The user's message of an error. An error raised in a DataLoader worker arrives wrapped
-    with the worker's traceback; its last line is the original "module.Class: message"."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
 
 
 @dataclass
