@@ -152,6 +152,7 @@ def check_model(config: Config, device: torch.device) -> list[Comparison]:
         model.eval()
         with torch.no_grad():
             detections = model(*inputs[:2])
+        # Compared on the host, outside any training step.
         out[where] = (losses, grads, {k: v.cpu() for k, v in detections.items()})
     (losses, grads, det), (ref_losses, ref_grads, ref_det) = out["device"], out["cpu"]
     matched = 0

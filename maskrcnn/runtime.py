@@ -149,7 +149,7 @@ class Runtime:
         if not self.trim_slots or torch.compiler.is_compiling():
             return slice(None)
         if used.dim() == 1:
-            index = used.nonzero().squeeze(1)
+            index = used.nonzero().squeeze(1)  # a host read: only trim_slots (a CPU) gets here
             return index if index.numel() else torch.zeros(1, dtype=torch.int64,
                                                            device=used.device)
         position = torch.arange(1, used.shape[1] + 1, device=used.device)

@@ -122,6 +122,7 @@ class LossSums(Hook):
             distributed.all_reduce_(first_bad, torch.distributed.ReduceOp.MIN,
                                     "all_reduce of the non-finite loss check")
             first_bad = torch.where(first_bad == never, -1, first_bad)
+        # A host read only at log steps and checkpoints, where the step's work is read anyway.
         bad = [(step, key) for key, step in zip(LOSS_KEYS, first_bad.tolist(), strict=True)
                if step >= 0]
         if bad:
@@ -138,7 +139,7 @@ class LossSums(Hook):
         distributed.all_reduce_(sums, torch.distributed.ReduceOp.SUM,
                                 "all_reduce of the logged losses")
         self.sums.zero_()
-        return (sums / (steps * self.world_size)).tolist()
+        return (sums / (steps * self.world_size)).tolist()  # the one read per log interval
 
 
 # ---------------------------------------------------------------- log lines and events

@@ -8,7 +8,8 @@ and by its reference on the same seeded inputs, and returns one `Comparison` per
 checks (ROIAlign: forward and backward). It never raises for a broken fast path: an exception
 (a Triton compile error included) becomes a failed Comparison carrying its first line. Used by
 `maskrcnn-check` (the config's sizes) and before training on a GPU (`Sizes.small()`, to fall
-back to the PyTorch path when a kernel fails).
+back to the PyTorch path when a kernel fails). Its host reads (`.cpu()`, `.item()`, `nonzero`)
+are deliberate: the comparisons run outside any training step, never inside one.
 
 The reference of each op and method:
 - "nms" (runtime.NMS_METHODS): "torch" on the same device; for "torch" itself, "per_cell"

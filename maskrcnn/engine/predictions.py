@@ -98,7 +98,7 @@ def drawn_results(results: list[dict], threshold: float) -> list[dict]:
         return []
     keep = nms(torch.from_numpy(_corners([r["bbox"] for r in shown])),
                torch.tensor([r["score"] for r in shown], dtype=torch.float32), DRAW_NMS_IOU)
-    return [shown[i] for i in sorted(keep.tolist())]
+    return [shown[i] for i in sorted(keep.tolist())]  # drawing, on the host after inference
 
 
 def draw_predictions(image: np.ndarray, results: list[dict], category_ids: Sequence[int],
