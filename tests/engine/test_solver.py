@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from maskrcnn.config import load_config
+from maskrcnn.engine import solver
 from maskrcnn.engine.solver import SGD, LearningRate, build_optimizer, make_schedule
 from maskrcnn.model.maskrcnn import build_model
 
@@ -70,9 +71,12 @@ def _toy_params():
     return [torch.randn(4, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
 
 
-def test_sgd_matches_torch_sgd_with_the_device_lr():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_sgd_matches_torch_sgd_with_the_device_lr(fused, monkeypatch):
     """If this fails, our graph-safe SGD does not do torch.optim.SGD's update (momentum,
-    weight decay on the first group only, the LR of each step) to float32 rounding."""
+    weight decay on the first group only, the LR of each step) to float32 rounding, on the
+    CPU's fused path or the foreach path that CUDA takes."""
+    monkeypatch.setattr(solver, "_fused_on", lambda params: fused)
     schedule = make_schedule(_config(), 256, steps_per_epoch=2)
     ours, theirs = _toy_params(), _toy_params()
     groups = lambda ps: [{"params": ps[:1], "weight_decay": 0.01},  # noqa: E731
