@@ -1,7 +1,8 @@
 """The absl flags every command shares, and the config they resolve to.
 
 Precedence, lowest first: the --config file (and its `base` chain), --data_dir, the explicit
---train_json/--train_images/--val_json/--val_images, --output_dir, then each --set override.
+--train_json/--train_images/--val_json/--val_images, --backbone_weights, --output_dir, then
+each --set override.
 """
 
 from pathlib import Path
@@ -25,6 +26,11 @@ flags.DEFINE_string("train_json", None, "Training annotations (COCO instances js
 flags.DEFINE_string("train_images", None, "Folder of the training images.")
 flags.DEFINE_string("val_json", None, "Validation annotations (COCO instances json).")
 flags.DEFINE_string("val_images", None, "Folder of the validation images.")
+flags.DEFINE_string(
+    "backbone_weights", None, "The backbone's ImageNet weights: torchvision's ResNet file "
+    "(resnet50-*.pth) on local disk; the same setting as model.backbone.weights_path. "
+    "Nothing is downloaded."
+)
 flags.DEFINE_string("output_dir", None, "Where checkpoints, logs and the resolved config go.")
 flags.DEFINE_string("device", "auto", "cpu, cuda, cuda:K, or auto (the GPU if there is one).")
 flags.DEFINE_string("checkpoint", None, "A checkpoint file (eval, predict). Its config is the "
@@ -84,6 +90,10 @@ def config_from_flags(base_text: str | None = None, base_source: str = "", *,
             layer = config_pb2.Config()
             setattr(layer.data, name, getattr(FLAGS, name))
             layers.append(Layer(f"--{name}", layer))
+    if FLAGS.backbone_weights:
+        layer = config_pb2.Config()
+        layer.model.backbone.weights_path = FLAGS.backbone_weights
+        layers.append(Layer("--backbone_weights", layer))
     if FLAGS.output_dir:
         layer = config_pb2.Config()
         layer.run.output_dir = FLAGS.output_dir
