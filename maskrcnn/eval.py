@@ -20,7 +20,7 @@ from absl import flags
 from maskrcnn.cli import run_command
 from maskrcnn.config import ConfigError
 from maskrcnn.config.flags import FLAGS, config_from_flags, data_flag_paths
-from maskrcnn.data.coco import DatasetError
+from maskrcnn.data.coco import DatasetError, describe, read_annotation_file
 from maskrcnn.data.loader import build_dataset, build_eval_loader, read_coco, resolve_data_paths
 from maskrcnn.engine import checkpoint as ckpt
 from maskrcnn.engine import distributed
@@ -52,7 +52,10 @@ def score_results_file() -> None:
     if not gt_json:
         raise DatasetError("--results needs the ground truth: pass --val_json (or --data_dir)")
     api = coco_api(config.run.coco_eval)
-    gt = load_ground_truth(Path(gt_json), api)
+    annotations = read_annotation_file(Path(gt_json), config.data.bad_annotations)
+    for line in annotations.warnings():
+        print(line)
+    gt = load_ground_truth(annotations.data, api)
     results, iou_types = read_results(Path(FLAGS.results), gt)
     if FLAGS.iou_type:
         unknown = [t for t in FLAGS.iou_type if t not in IOU_TYPES]
@@ -80,7 +83,9 @@ def evaluate_checkpoint(process: distributed.Process) -> None:
     if paths.val_json is None:
         raise DatasetError("no val split: pass --data_dir, or --val_json and --val_images")
     coco = read_coco(paths.val_json, paths.val_images, train=False,
-                     num_classes=config.model.num_classes)
+                     num_classes=config.model.num_classes,
+                     bad_annotations=config.data.bad_annotations)
+    say(describe("val", coco))
     runtime = verify_kernels(Runtime.for_config(config, process.device, process.rank,
                                                 process.world_size), process.device)
     say(f"on {process.device}: {runtime.describe()}")

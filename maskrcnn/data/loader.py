@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from maskrcnn.config import Config, ConfigError
+from maskrcnn.config.config_pb2 import DROP
 from maskrcnn.data.batch import collate
 from maskrcnn.data.coco import CocoDataset, DatasetError
 from maskrcnn.data.dataset import DetectionDataset
@@ -50,9 +51,11 @@ def resolve_data_paths(config: Config) -> DataPaths:
                      root / "annotations" / "instances_val2017.json", root / "val2017")
 
 
-def read_coco(json_path: Path, image_dir: Path, *, train: bool, num_classes: int) -> CocoDataset:
-    """Parses an annotation file and checks it against the model's class count."""
-    coco = CocoDataset(json_path, image_dir, train=train)
+def read_coco(json_path: Path, image_dir: Path, *, train: bool, num_classes: int,
+              bad_annotations: int = DROP) -> CocoDataset:
+    """Parses an annotation file (bad_annotations: data.bad_annotations, what a faulty
+    annotation does) and checks it against the model's class count."""
+    coco = CocoDataset(json_path, image_dir, train=train, bad_annotations=bad_annotations)
     if coco.num_classes != num_classes:
         raise DatasetError(f"{json_path} has {coco.num_classes} categories but the config's "
                            f"model.num_classes is {num_classes}")

@@ -122,11 +122,13 @@ def coco_api(backend: int = PYCOCOTOOLS) -> CocoApi:
     return CocoApi("pycocotools", COCO, COCOeval)
 
 
-def load_ground_truth(gt_json: Path, api: CocoApi | None = None):
-    """The ground-truth file, checked as the training reader checks it (one line for a
-    malformed entry), as the implementation's COCO object."""
+def load_ground_truth(ground_truth: Path | dict, api: CocoApi | None = None):
+    """The ground truth as the implementation's COCO object: a cleaned dict
+    (CocoDataset.ground_truth, AnnotationFile.data), or a file, read and cleaned by the
+    training reader (faulty annotations dropped, data.bad_annotations' default)."""
     gt = (api or coco_api()).coco()
-    gt.dataset = read_annotations(Path(gt_json))
+    gt.dataset = (ground_truth if isinstance(ground_truth, dict)
+                  else read_annotations(Path(ground_truth)))
     _quiet(gt.createIndex)
     return gt
 
@@ -283,12 +285,13 @@ def format_table(stats: dict[str, np.ndarray]) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Iterable[Batch], gt_json: Path,
+def evaluate(model: torch.nn.Module, loader: Iterable[Batch], ground_truth: Path | dict,
              category_ids: Sequence[int], output_dir: Path | None, device: torch.device,
              autocast_dtype: torch.dtype | None = None, per_category: bool = False,
              coco_eval: int = PYCOCOTOOLS, log=print,
              stop: Callable[[], int] | None = None) -> dict[str, float]:
-    """Scores the model on every image of the loader against gt_json.
+    """Scores the model on every image of the loader against the ground truth (a file, or
+    a cleaned dict: see load_ground_truth).
 
     Data parallel (a process group with several ranks): every rank calls this with the loader
     of its own shard; results are gathered on rank 0, which writes and scores them once, and
@@ -342,7 +345,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Batch], gt_json: Path,
         tmp.replace(path)
         log(f"results written to {path}")
     api = coco_api(coco_eval)
-    metrics = score(load_ground_truth(gt_json, api), results, IOU_TYPES, image_ids, api,
+    metrics = score(load_ground_truth(ground_truth, api), results, IOU_TYPES, image_ids, api,
                     per_category, log)
     return distributed.broadcast_from_main(metrics, "sending the metrics from rank 0")
 
@@ -356,7 +359,8 @@ class Evaluator:
         loader: this rank's shard of the split (data/loader.py: build_eval_loader); its
             workers are ended after each call (they may ignore SIGTERM,
             hooks.workers_ignore_stop_signals, and must not outlive the evaluation).
-        coco: the split (its json is the ground truth, its category ids the results').
+        coco: the split (its cleaned annotations are the ground truth, its category ids
+            the results').
         output_dir, device, autocast_dtype, per_category, coco_eval, log: as evaluate()'s.
     """
 
@@ -371,7 +375,7 @@ class Evaluator:
     def __call__(self, stop: Callable[[], int] | None = None) -> dict[str, float]:
         """{"bbox/AP": ..., ...} on every rank; stop: as evaluate()'s (EvaluationStopped)."""
         try:
-            return evaluate(self.model, self.loader, self.coco.json_path,
+            return evaluate(self.model, self.loader, self.coco.ground_truth(),
                             self.coco.category_ids, self.output_dir, self.device,
                             self.autocast_dtype, self.per_category, self.coco_eval, self.log,
                             stop)
