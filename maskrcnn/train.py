@@ -14,17 +14,28 @@ Data parallel: `torchrun --nproc_per_node=N -m maskrcnn.train --config=8x4 ...` 
 per GPU; NCCL on GPUs, Gloo on the CPU). The processes started define the global batch
 (N x run.images_per_gpu, whatever run.num_gpus says; the resolved config records N) and so the
 LR. Only rank 0 prints, writes the config, events, checkpoints and the picture.
+
+A new run's weights: the backbone body from torchvision's ImageNet file
+(model.backbone.weights_path, --backbone_weights; with frozen batch norm and no file, the one
+in torch hub's cache, or else the run stops with one line saying where the file comes from;
+`random` asks for a random body), then `--init_from` (fine-tuning: our checkpoint or a
+torchvision maskrcnn_resnet50_fpn state dict; every tensor whose name and shape fit, the rest
+afresh, one line says which) over it. Both are read and checked before any data. `--resume`
+wins over both when the output dir has a checkpoint, so the same command restarts a
+preempted fine-tune.
 """
 
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from absl import flags
 
 from maskrcnn.cli import run_command
-from maskrcnn.config import Config, to_text
+from maskrcnn.config import Config, ConfigError, to_text
+from maskrcnn.config.config_pb2 import FROZEN_BN
 from maskrcnn.config.flags import FLAGS, config_from_flags
 from maskrcnn.data.coco import CocoDataset
 from maskrcnn.data.loader import (
@@ -52,11 +63,24 @@ from maskrcnn.engine.hooks import (
 )
 from maskrcnn.engine.predictions import draw_dataset_predictions
 from maskrcnn.engine.solver import make_schedule
-from maskrcnn.engine.step import TrainStep
+from maskrcnn.engine.step import TrainStep, unwrap
 from maskrcnn.engine.trainer import Trainer
+from maskrcnn.model.backbone import (
+    RANDOM_WEIGHTS,
+    cached_imagenet,
+    missing_imagenet_message,
+    read_imagenet,
+)
 from maskrcnn.runtime import Runtime, resolve_device
 
-flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in the output dir.")
+flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in the output dir "
+                  "(it wins over --init_from and the backbone weights).")
+flags.DEFINE_string("init_from", None, "Start a new run (step 0, fresh optimizer and "
+                    "schedule) from these weights: a checkpoint of maskrcnn-train or a "
+                    "torchvision maskrcnn_resnet50_fpn state dict (e.g. "
+                    "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth). Every tensor whose name and "
+                    "shape fit is loaded; the others (the class layers, for another number "
+                    "of classes) start afresh.")
 flags.DEFINE_integer("debug_exit_after_step", 0, "Testing: end the process abruptly (as if "
                      "killed) right after this step.")
 flags.DEFINE_integer("debug_exit_rank", -1, "Testing: only this rank ends at "
@@ -97,6 +121,55 @@ def write_config(config: Config, output_dir: Path, runtime: Runtime) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class StartingWeights:
+    """What a new run's model starts from, read and checked before any data: torchvision's
+    ImageNet body (imagenet, from imagenet_path), then --init_from's weights (init) over it;
+    None where there is none."""
+
+    imagenet_path: str = ""
+    imagenet: dict[str, torch.Tensor] | None = None
+    init: ckpt.InitWeights | None = None
+
+    def load(self, model: torch.nn.Module, say: Callable[[str], None]) -> None:
+        """Puts the weights into model (not wrapped), saying what it loaded."""
+        if self.imagenet is not None:
+            model.backbone.body.load_state_dict(self.imagenet)
+            say(f"backbone body: ImageNet weights from {self.imagenet_path}")
+        if self.init is not None:
+            say(ckpt.load_init_weights(model, self.init))
+
+
+def starting_weights(config: Config, init_from: str | None, source: str,
+                     say: Callable[[str], None] = print) -> tuple[Config, StartingWeights]:
+    """The config with the ImageNet file the run uses, and the weights, read and checked.
+
+    A frozen-batch-norm body with model.backbone.weights_path empty and no --init_from (a
+    run from scratch) takes torchvision's file from torch hub's cache
+    (torch.hub.get_dir()/checkpoints, recorded in the returned config) or stops with one line
+    (ConfigError, naming source) that says where the file comes from; RANDOM_WEIGHTS keeps the
+    body random. A missing, damaged or unfitting file stops with one line."""
+    init = ckpt.read_init_weights(Path(init_from)) if init_from else None
+    backbone = config.model.backbone
+    path = backbone.weights_path
+    if path == RANDOM_WEIGHTS:
+        path = ""
+    elif not path and backbone.norm == FROZEN_BN and init is None:
+        hub = Path(torch.hub.get_dir())
+        found = cached_imagenet(backbone.depth, hub)
+        if found is None:
+            raise ConfigError(f"{source}: {missing_imagenet_message(backbone.depth, hub)}")
+        path = str(found)
+        resolved = Config()
+        resolved.CopyFrom(config)
+        resolved.model.backbone.weights_path = path
+        config = resolved
+        say(f"model.backbone.weights_path is empty: using {path}, torchvision's "
+            f"ResNet-{backbone.depth} ImageNet file in torch hub's cache")
+    imagenet = read_imagenet(path, backbone.depth) if path else None
+    return config, StartingWeights(path, imagenet, init)
+
+
 def describe(name: str, coco: CocoDataset) -> str:
     s = coco.stats
     classes = ", ".join(f"{k}: {v}" for k, v in sorted(s.instances_per_class.items()))
@@ -112,12 +185,13 @@ def describe(name: str, coco: CocoDataset) -> str:
 
 
 def build_trainer(config: Config, process: distributed.Process, *,
-                  log: Callable[[str], None] = print, extra_hooks: list[Hook] | None = None
-                  ) -> Trainer:
+                  log: Callable[[str], None] = print, extra_hooks: list[Hook] | None = None,
+                  start: StartingWeights | None = None) -> Trainer:
     """One process's training, each part built once, in order: the config fitted to the
-    number of processes, the Runtime, the datasets and loaders, the schedule and TrainStep,
-    the evaluator, the hooks, the Trainer. Rank 0 alone logs (log) and writes the resolved
-    config. extra_hooks run after the others (tests: AbruptExit)."""
+    number of processes, the Runtime, the datasets and loaders, the schedule and TrainStep
+    (its model given the start weights, if any: starting_weights), the evaluator, the hooks,
+    the Trainer. Rank 0 alone logs (log) and writes the resolved config. extra_hooks run
+    after the others (tests: AbruptExit)."""
     device, rank, world_size = process.device, process.rank, process.world_size
     say = log if process.is_main else (lambda text: None)
     config, note = fit_world_size(config, world_size)
@@ -145,6 +219,8 @@ def build_trainer(config: Config, process: distributed.Process, *,
 
     schedule = make_schedule(config, len(dataset), sampler.steps_per_epoch)
     step = TrainStep(config, device, schedule, runtime)
+    if start is not None:
+        start.load(unwrap(step.model), say)
 
     evaluator = None
     if val_coco is not None:
@@ -165,15 +241,19 @@ def build_trainer(config: Config, process: distributed.Process, *,
                    evaluator=evaluator, log=log)
 
 
-def train(config: Config, process: distributed.Process) -> None:
+def train(config: Config, process: distributed.Process, start: StartingWeights) -> None:
     """Everything one process of the job does (the whole job with one process)."""
     say = print if process.is_main else (lambda *args: None)
     exit_hooks = ([AbruptExit(FLAGS.debug_exit_after_step, FLAGS.debug_exit_rank)]
                   if FLAGS.debug_exit_after_step else [])
-    trainer = build_trainer(config, process, extra_hooks=exit_hooks)
-    if FLAGS.resume and trainer.resume() is None:
-        say(f"--resume: no checkpoint in {trainer.output_dir / ckpt.CHECKPOINT_DIR}; "
-            "starting from scratch")
+    trainer = build_trainer(config, process, extra_hooks=exit_hooks, start=start)
+    if FLAGS.resume:
+        resumed = trainer.resume()
+        if resumed is None:
+            say(f"--resume: no checkpoint in {trainer.output_dir / ckpt.CHECKPOINT_DIR}; "
+                "starting " + ("from --init_from's weights" if start.init else "from scratch"))
+        elif start.init is not None:
+            say(f"--resume continues from {resumed}: --init_from's weights are replaced")
     result = trainer.train()
     if result.metrics:
         say(f"box AP {result.metrics['bbox/AP']:.3f}, mask AP {result.metrics['segm/AP']:.3f} "
@@ -188,7 +268,10 @@ def main() -> None:
     config = config_from_flags()
     process = distributed.init(resolve_device(FLAGS.device), FLAGS.dist_timeout_s)
     try:
-        train(config, process)
+        config, start = starting_weights(
+            config, FLAGS.init_from, f"--config={FLAGS.config}",
+            print if process.is_main else (lambda text: None))
+        train(config, process, start)
     except TrainingStopped:
         # From here the process only ends. Under torchrun the first worker to end makes it
         # send SIGTERM to the others, which must not cut their exit (and its status) short.

@@ -16,6 +16,9 @@ saying which newer ones it skipped and why (`load_latest_on_rank_0` for every ra
 `training_state` is what the trainer writes; `restore_training_state` puts it back into a
 TrainStep (also at another global batch); `load_model_state` puts a checkpoint's weights into
 a model (eval, predict). Each stops with one line when the checkpoint does not fit.
+`read_init_weights` and `load_init_weights` start a new run from another run's weights
+(--init_from: our checkpoint or a torchvision maskrcnn_resnet50_fpn state dict), taking
+whatever fits.
 """
 
 import os
@@ -23,7 +26,8 @@ import pickle
 import random
 import re
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,8 @@ import torch
 from maskrcnn.config import Config, to_text
 from maskrcnn.engine import distributed
 from maskrcnn.engine.step import TrainStep, unwrap
+from maskrcnn.model.convert import CLASS_LAYERS, convert_torchvision_maskrcnn
+from maskrcnn.model.frozen_bn import FrozenBatchNorm2d
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -249,6 +255,112 @@ def load_model_state(model: torch.nn.Module, weights: dict, source) -> None:
     except RuntimeError as error:
         raise CheckpointError(f"checkpoint {source} does not fit this config's model: "
                               f"{str(error).splitlines()[1].strip()}") from None
+
+
+@dataclass(frozen=True)
+class InitWeights:
+    """The weights a new run starts from (--init_from), in our MaskRCNN's names (frozen batch
+    norms possibly in torchvision's four-tensor form, which FrozenBatchNorm2d folds on load).
+    what: what the file is, for the log line."""
+
+    path: Path
+    what: str
+    state: dict[str, torch.Tensor]
+
+
+# A key only torchvision's maskrcnn_resnet50_fpn has (ours: roi_heads.box_head.cls_score).
+_TORCHVISION_KEY = "roi_heads.box_predictor.cls_score.weight"
+
+
+def read_init_weights(path: Path) -> InitWeights:
+    """Reads --init_from's file: a checkpoint of maskrcnn-train, a torchvision
+    maskrcnn_resnet50_fpn state dict (as its weights API or torch.save(model.state_dict())
+    writes it, also inside torchvision's references' {"model": ...} checkpoints), or a state
+    dict of our MaskRCNN. A missing, damaged or foreign file stops with one line
+    (CheckpointError)."""
+    path = Path(path)
+    where = f"--init_from={path}"
+    if not path.is_file():
+        raise CheckpointError(f"{where}: no such file")
+    problem = _problem(path) if zipfile.is_zipfile(path) else None
+    if problem is not None:
+        raise CheckpointError(f"{where}: {problem}")
+    try:
+        found = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Not weights-only: one of our checkpoints (it holds RNG states), or not a torch file.
+        try:
+            found = load(path)
+        except CheckpointError:
+            raise CheckpointError(f"{where}: not a torch checkpoint or state dict file") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as error:
+        raise CheckpointError(f"{where}: cannot read it: {_first_line(error)}") from None
+    if isinstance(found, dict) and all(key in found for key in REQUIRED_KEYS):
+        return InitWeights(path, f"a checkpoint of maskrcnn-train, step {found['step']}",
+                           found["model"])
+    if isinstance(found, dict) and isinstance(found.get("model"), dict):
+        found = found["model"]  # torchvision's references save {"model": ..., "optimizer": ...}
+    if not (isinstance(found, dict) and found
+            and all(isinstance(v, torch.Tensor) for v in found.values())):
+        raise CheckpointError(f"{where}: not a checkpoint of maskrcnn-train or a state dict "
+                              "of tensors")
+    if _TORCHVISION_KEY not in found:
+        return InitWeights(path, "a state dict of our MaskRCNN", found)
+    try:
+        converted = convert_torchvision_maskrcnn(found)
+    except ValueError as error:
+        raise CheckpointError(f"{where}: {error}") from None
+    return InitWeights(path, "a torchvision maskrcnn_resnet50_fpn state dict", converted)
+
+
+def _loadable_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
+    """Every key model.load_state_dict takes, with its shape: the state dict's, and each
+    FrozenBatchNorm2d's torchvision form (weight, running_mean, running_var beside bias)."""
+    shapes = {key: value.shape for key, value in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            for leaf in ("weight", "running_mean", "running_var"):
+                shapes[f"{name}.{leaf}"] = module.scale.shape
+    return shapes
+
+
+def _modules(keys: Iterable[str], most: int = 8) -> str:
+    """The modules (key without its leaf) of keys, in order; with more than `most`, their
+    first two name parts with a count of tensors ("backbone.body (60 tensors)")."""
+    keys = list(keys)
+    modules = list(dict.fromkeys(key.rsplit(".", 1)[0] for key in keys))
+    if len(modules) <= most:
+        return ", ".join(modules)
+    counts: dict[str, int] = {}
+    for key in keys:
+        prefix = ".".join(key.split(".")[:2])
+        counts[prefix] = counts.get(prefix, 0) + 1
+    return ", ".join(f"{prefix} ({n} tensors)" for prefix, n in counts.items())
+
+
+def load_init_weights(model: torch.nn.Module, init: InitWeights) -> str:
+    """Loads every tensor of init whose name and shape fit model (not wrapped in DDP or
+    torch.compile); every other tensor of the model keeps its fresh initialisation (the class
+    layers, CLASS_LAYERS, when the number of classes differs). Returns the one line that says
+    what was loaded and what not: counts, the modules initialised afresh, the file's tensors
+    that have no place in the model."""
+    shapes = _loadable_shapes(model)
+    fitting = {key: value for key, value in init.state.items()
+               if key in shapes and value.shape == shapes[key]}
+    unused = [key for key in init.state if key not in shapes]
+    missing, _ = model.load_state_dict(fitting, strict=False)
+    total = len(model.state_dict())
+    line = (f"--init_from={init.path} ({init.what}): loaded {total - len(missing)} of the "
+            f"model's {total} tensors")
+    if missing:
+        line += f"; initialised afresh: {_modules(missing)}"
+        cls = f"{CLASS_LAYERS[0]}bias"
+        if cls in missing and cls in init.state:
+            line += (f" (the file has {init.state[cls].shape[0] - 1} classes, the model "
+                     f"{shapes[cls][0] - 1})")
+    if unused:
+        line += f"; not in the model: {_modules(unused)}"
+    return line
 
 
 def written_with(state: dict[str, Any], config: Config) -> bool:

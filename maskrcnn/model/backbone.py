@@ -9,11 +9,13 @@ checkpoints map onto ours by renaming only (see `convert_torchvision_backbone`).
 import os
 import pickle
 import re
+from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
+from maskrcnn.config.errors import ConfigError
 from maskrcnn.config.validate import GN_GROUPS
 from maskrcnn.model.fpn import FPN
 from maskrcnn.model.frozen_bn import FoldedConv2d, FrozenBatchNorm2d
@@ -28,6 +30,14 @@ _RESNETS = {
 _STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 # Optional in an ImageNet checkpoint: BatchNorm2d's step counter, which the fold does not use.
 _OPTIONAL_BN_KEY = "num_batches_tracked"
+# torchvision's ImageNet files, ResNet{depth}_Weights.IMAGENET1K_V1 (what its detection models
+# start from), by depth: the name under which torch hub caches the file downloaded from
+# IMAGENET_URL + name. We never download it.
+IMAGENET_FILES = {18: "resnet18-f37072fd.pth", 34: "resnet34-b627a593.pth",
+                  50: "resnet50-0676ba61.pth", 101: "resnet101-63fe2227.pth"}
+IMAGENET_URL = "https://download.pytorch.org/models/"
+# model.backbone.weights_path (--backbone_weights) that asks for a random frozen-BN body.
+RANDOM_WEIGHTS = "random"
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -67,6 +77,7 @@ class ResNetBody(nn.Module):
             raise ValueError(f"frozen_stages must be in 0..{len(_STAGES)}, got {frozen_stages}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
+        self.depth = depth
         scratch = norm != "frozen_bn"
         # From scratch, each residual block's last norm starts at zero so every block starts as
         # the identity (Goyal et al. 2017): a deep random body then trains stably at high LR.
@@ -128,35 +139,75 @@ class ResNetBody(nn.Module):
         return shapes, optional
 
     def load_imagenet(self, path: str) -> None:
-        """Loads a torchvision ImageNet checkpoint (a state dict saved with torch.save).
+        """Loads a torchvision ImageNet checkpoint (see read_imagenet; fc.* is ignored)."""
+        self.load_state_dict(read_imagenet(path, self.depth))
 
-        fc.* is ignored; any other missing or unexpected key or shape mismatch raises a
-        ValueError naming the file and the first bad key; a missing file, FileNotFoundError.
-        """
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"ImageNet checkpoint not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
-            raise ValueError(f"{path}: not a torch state dict file ({type(e).__name__})") from e
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-        shapes, optional = self._imagenet_format()
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        for key, value in state.items():
-            if key in optional:
-                continue
-            if key not in shapes:
-                raise ValueError(f"{path}: unexpected key {key!r} for a ResNet body")
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"{path}: key {key!r} is a {type(value).__name__}, not a tensor")
-            if value.shape != shapes[key]:
-                raise ValueError(f"{path}: key {key!r} has shape {tuple(value.shape)}, "
-                                 f"expected {tuple(shapes[key])}")
-        for key in shapes:
-            if key not in state:
-                raise ValueError(f"{path}: missing key {key!r}")
-        self.load_state_dict(state)
+
+def read_imagenet(path: str, depth: int) -> dict[str, torch.Tensor]:
+    """The state dict of a torchvision ImageNet checkpoint for a frozen-BN ResNet body of this
+    depth (saved with torch.save), fc.* left out, checked against the body.
+
+    A missing, unreadable or corrupt file, a missing or unexpected key or a shape that does
+    not fit raises ConfigError, one line naming the file and the first mismatch (key and both
+    shapes).
+    """
+    if not os.path.isfile(path):
+        hint = (f" (for random weights write exactly {RANDOM_WEIGHTS!r})"
+                if path.strip().lower() in (RANDOM_WEIGHTS, "none", "scratch") else "")
+        raise ConfigError(f"backbone weights {path}: no such file{hint}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+        raise ConfigError(f"backbone weights {path}: not a torch state dict file "
+                          f"({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"backbone weights {path}: expected a state dict, got "
+                          f"{type(state).__name__}")
+    with torch.device("meta"):  # only the names and shapes matter: no memory, no init cost
+        shapes, optional = ResNetBody(depth, 0)._imagenet_format()
+    which = f"torchvision's ResNet-{depth} file is {IMAGENET_FILES[depth]}"
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    for key, value in state.items():
+        if key in optional:
+            continue
+        if key not in shapes:
+            raise ConfigError(f"backbone weights {path}: unexpected key {key!r} for a "
+                              f"ResNet-{depth} body ({which})")
+        if not isinstance(value, torch.Tensor):
+            raise ConfigError(f"backbone weights {path}: key {key!r} is a "
+                              f"{type(value).__name__}, not a tensor")
+        if value.shape != shapes[key]:
+            raise ConfigError(f"backbone weights {path}: key {key!r} has shape "
+                              f"{tuple(value.shape)}, a ResNet-{depth} body expects "
+                              f"{tuple(shapes[key])} ({which})")
+    for key in shapes:
+        if key not in state:
+            raise ConfigError(f"backbone weights {path}: missing key {key!r} of a "
+                              f"ResNet-{depth} body ({which})")
+    return state
+
+
+def cached_imagenet(depth: int, hub_dir: Path) -> Path | None:
+    """torchvision's ImageNet file for this depth where torch hub keeps its downloads
+    (hub_dir/checkpoints, e.g. torch.hub.get_dir()), or None: IMAGENET_FILES' name first,
+    else the first other resnet{depth}-*.pth (e.g. IMAGENET1K_V2's) in name order."""
+    folder = Path(hub_dir) / "checkpoints"
+    preferred = folder / IMAGENET_FILES[depth]
+    if preferred.is_file():
+        return preferred
+    return next((p for p in sorted(folder.glob(f"resnet{depth}-*.pth")) if p.is_file()), None)
+
+
+def missing_imagenet_message(depth: int, hub_dir: Path) -> str:
+    """The one line that says why a frozen-BN body needs ImageNet weights and how to get
+    them (or ask for random weights)."""
+    name = IMAGENET_FILES[depth]
+    return (f"model.backbone.weights_path is empty: a frozen-batch-norm ResNet-{depth} from "
+            "random weights cannot reach the recipe's AP. Pass --backbone_weights=PATH to "
+            f"torchvision's ResNet{depth}_Weights.IMAGENET1K_V1 file {name} ({IMAGENET_URL}"
+            f"{name}; nothing is downloaded: fetch it yourself, or put it in "
+            f"{Path(hub_dir) / 'checkpoints'} where torchvision caches it), or "
+            f"--backbone_weights={RANDOM_WEIGHTS} to train from random weights anyway")
 
 
 class Backbone(nn.Module):
@@ -166,23 +217,22 @@ class Backbone(nn.Module):
         depth: ResNet depth, 18, 34, 50 or 101.
         frozen_stages: see ResNetBody.
         fpn_channels: channels of every FPN level.
-        weights_path: torchvision ImageNet checkpoint for the body; "" keeps random weights.
         norm, fold_frozen_bn: see ResNetBody.
+
+    Weights are random; a new training run loads ImageNet ones into body (load_imagenet).
 
     Attributes:
         strides: strides of P2..P6.
         out_channels: fpn_channels.
     """
 
-    def __init__(self, depth: int, frozen_stages: int, fpn_channels: int, weights_path: str = "",
+    def __init__(self, depth: int, frozen_stages: int, fpn_channels: int,
                  norm: str = "frozen_bn", fold_frozen_bn: bool = True):
         super().__init__()
         self.body = ResNetBody(depth, frozen_stages, norm, fold_frozen_bn)
         self.fpn = FPN(self.body.out_channels, fpn_channels)
         self.strides = [4, 8, 16, 32, 64]
         self.out_channels = fpn_channels
-        if weights_path:
-            self.body.load_imagenet(weights_path)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """float[N, 3, H, W] normalised images -> [P2, P3, P4, P5, P6], Pk

@@ -35,9 +35,10 @@ from maskrcnn.model.frozen_bn import FrozenBatchNorm2d
 _LEAVES = ("weight", "bias")
 _FPN_LEVELS = 4
 _MASK_CONVS = 4
-# Layers whose output size is torchvision's num_classes (ours + 1 for the background).
-_CLASS_LAYERS = ("roi_heads.box_head.cls_score.", "roi_heads.box_head.bbox_pred.",
-                 "roi_heads.mask_head.logits.")
+# Layers whose output size depends on the number of classes (torchvision's num_classes = ours
+# + 1 for the background): a model with other classes starts them afresh (--init_from).
+CLASS_LAYERS = ("roi_heads.box_head.cls_score.", "roi_heads.box_head.bbox_pred.",
+                "roi_heads.mask_head.logits.")
 
 # RPN and RoI heads: (pattern of a torchvision key, our key with its groups filled in).
 _HEAD_RULES = (
@@ -165,7 +166,7 @@ def load_torchvision_maskrcnn(model: torch.nn.Module, state_dict: dict[str, torc
             raise ValueError(f"converted key {key!r} is not in the model{hint}")
         if value.shape != expected[key]:
             hint = (" (the model's num_classes must be torchvision's minus 1)"
-                    if key.startswith(_CLASS_LAYERS) else "")
+                    if key.startswith(CLASS_LAYERS) else "")
             raise ValueError(f"{key!r}: checkpoint shape {tuple(value.shape)}, model expects "
                              f"{tuple(expected[key])}{hint}")
     for key in sorted(expected.keys() - converted.keys()):

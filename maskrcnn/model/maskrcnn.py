@@ -94,10 +94,12 @@ class MaskRCNN(nn.Module):
 
 def build_model(config: Config, runtime: Runtime | None = None,
                 keys: Keys | None = None) -> MaskRCNN:
-    """The model a config describes (weights random, or ImageNet backbone weights from
-    model.backbone.weights_path), computing as `runtime` says (default: a CPU's choices, one
-    process). With several processes its sampling keys are rows of the global batch's and its
-    loss normalisers are summed over the ranks; `keys` replaces the keys (tests)."""
+    """The model a config describes, its weights random (a new training run then loads
+    model.backbone.weights_path or --init_from into it, train.py; eval and predict load a
+    checkpoint's, so they never need the ImageNet file), computing as `runtime` says
+    (default: a CPU's choices, one process). With several processes its sampling keys are
+    rows of the global batch's and its loss normalisers are summed over the ranks; `keys`
+    replaces the keys (tests)."""
     runtime = runtime or Runtime.for_device("cpu")
     parallel = runtime.world_size > 1
     if keys is None:
@@ -108,7 +110,7 @@ def build_model(config: Config, runtime: Runtime | None = None,
     strides = list(m.anchors.strides)
     return MaskRCNN(
         backbone=Backbone(depth=m.backbone.depth, frozen_stages=m.backbone.frozen_stages,
-                          fpn_channels=m.fpn_channels, weights_path=m.backbone.weights_path,
+                          fpn_channels=m.fpn_channels,
                           norm=config_pb2.Norm.Name(m.backbone.norm).lower(),
                           fold_frozen_bn=runtime.fold_frozen_bn),
         anchors=AnchorCache([(c.height, c.width) for c in config.data.canvas],

@@ -220,3 +220,91 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_line(tmp_pat
                         "are intact")
     assert ckpt.load(folder / "step_00000001.pt")["step"] == 1
     assert ckpt.checkpoints(tmp_path) == [folder / "step_00000001.pt"]
+
+
+# ---------------------------------------------------------------- --init_from
+
+FOREIGN = {
+    "missing": None,
+    "garbage": b"not a torch file",
+    "truncated": "truncated",
+    "not tensors": {"model": 3},
+    "torchvision, extra key": "tv-extra",
+}
+
+
+@pytest.fixture(scope="module")
+def shapes_tiny(tmp_path_factory):
+    """The checked-in shapes-tiny model (5 classes) as a checkpoint of maskrcnn-train."""
+    from tests.shapes_checkpoint import write_checkpoint  # noqa: PLC0415
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny") / "step_1.pt")
+
+
+def _tiny_model(num_classes: int) -> torch.nn.Module:
+    """The shapes-tiny model's architecture with num_classes, freshly initialised."""
+    from maskrcnn.model.maskrcnn import build_model  # noqa: PLC0415
+    from tests.shapes_checkpoint import config  # noqa: PLC0415
+
+    fitted = config()
+    fitted.model.num_classes = num_classes
+    torch.manual_seed(1)
+    return build_model(fitted)
+
+
+def test_init_from_loads_what_fits_and_starts_the_class_layers_afresh(shapes_tiny):
+    """If this fails, fine-tuning from a checkpoint with 5 classes into a 3-class model either
+    fails, loads a tensor of the wrong shape, leaves a fitting one out (e.g. the RPN), touches
+    the class layers' fresh initialisation, or the one line miscounts or misnames them."""
+    model = _tiny_model(3)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    source = torch.load(shapes_tiny, weights_only=False)["model"]
+    line = ckpt.load_init_weights(model, ckpt.read_init_weights(shapes_tiny))
+    afresh = {f"roi_heads.box_head.{layer}.{leaf}" for layer in ("cls_score", "bbox_pred")
+              for leaf in ("weight", "bias")}
+    state = model.state_dict()
+    for key, value in state.items():
+        expected = fresh[key] if key in afresh else source[key]
+        assert torch.equal(value, expected), key
+    assert not torch.equal(fresh["rpn.head.conv.weight"], source["rpn.head.conv.weight"])
+    assert "\n" not in line
+    assert line == (f"--init_from={shapes_tiny} (a checkpoint of maskrcnn-train, step 1488): "
+                    f"loaded {len(state) - 4} of the model's {len(state)} tensors; "
+                    "initialised afresh: roi_heads.box_head.cls_score, "
+                    "roi_heads.box_head.bbox_pred (the file has 5 classes, the model 3)")
+
+
+def test_init_from_a_model_state_dict_names_what_has_no_place(shapes_tiny, tmp_path):
+    """If this fails, a bare state dict (torch.save(model.state_dict())) with a tensor our
+    model lacks loads silently or fails, instead of loading the rest and naming it."""
+    state = dict(torch.load(shapes_tiny, weights_only=False)["model"])
+    state["roi_heads.extra.weight"] = torch.zeros(2)
+    path = tmp_path / "state.pth"
+    torch.save(state, path)
+    model = _tiny_model(5)
+    line = ckpt.load_init_weights(model, ckpt.read_init_weights(path))
+    total = len(model.state_dict())
+    assert line == (f"--init_from={path} (a state dict of our MaskRCNN): loaded {total} of "
+                    f"the model's {total} tensors; not in the model: roi_heads.extra")
+
+
+@pytest.mark.parametrize("kind", FOREIGN)
+def test_init_from_a_bad_file_is_one_line(shapes_tiny, tmp_path, kind):
+    """If this fails, --init_from with a missing, damaged or foreign file ends in a traceback
+    (or loads nothing without a word) instead of one line naming the file."""
+    path = tmp_path / "init.pth"
+    content = FOREIGN[kind]
+    if content == "truncated":
+        shutil.copy(shapes_tiny, path)
+        _truncate(path)
+    elif content == "tv-extra":
+        torch.save({"roi_heads.box_predictor.cls_score.weight": torch.zeros(2, 4),
+                    "roi_heads.box_head.fc8.weight": torch.zeros(1)}, path)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.read_init_weights(path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"--init_from={path}: "), message

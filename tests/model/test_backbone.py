@@ -8,7 +8,14 @@ import torch
 import torchvision
 from torch import nn
 
-from maskrcnn.model.backbone import Backbone, ResNetBody, convert_torchvision_backbone
+from maskrcnn.config import ConfigError, load_config
+from maskrcnn.model.backbone import (
+    IMAGENET_FILES,
+    Backbone,
+    ResNetBody,
+    cached_imagenet,
+    convert_torchvision_backbone,
+)
 from maskrcnn.model.fpn import FPN
 from maskrcnn.model.frozen_bn import FoldedConv2d, FrozenBatchNorm2d
 
@@ -175,18 +182,39 @@ def test_load_imagenet_matches_torchvision(imagenet_resnet18):
             assert_rel_close(ours, theirs, 1e-5)
 
 
-def test_backbone_loads_weights_path(imagenet_resnet18):
-    """Backbone ignores weights_path."""
-    tv, path = imagenet_resnet18
-    backbone = Backbone(18, 2, 32, weights_path=path)
-    torch.testing.assert_close(backbone.body.layer3[1].conv2.weight, tv.layer3[1].conv2.weight)
+def test_build_model_reads_no_weights_file(tmp_path):
+    """If this fails, building a model reads model.backbone.weights_path, so maskrcnn-eval and
+    maskrcnn-predict of a checkpoint (which holds every weight) would need the ImageNet file
+    the run was started from."""
+    from maskrcnn.model.maskrcnn import build_model  # noqa: PLC0415 (layer 2, above backbone)
+
+    absent = tmp_path / "resnet50-0676ba61.pth"
+    config = load_config("8x1", [f"model {{ backbone {{ weights_path: '{absent}' }} }}"])
+    assert build_model(config).backbone.body.depth == 50
 
 
 def test_load_imagenet_missing_file(tmp_path):
-    """A missing checkpoint fails with something other than FileNotFoundError naming it."""
+    """A missing checkpoint fails with something other than one line naming it (ConfigError,
+    which the commands print as one line)."""
     path = str(tmp_path / "absent.pth")
-    with pytest.raises(FileNotFoundError, match="absent.pth"):
+    with pytest.raises(ConfigError, match="absent.pth: no such file"):
         ResNetBody(18, 2).load_imagenet(path)
+
+
+def test_cached_imagenet_prefers_torchvision_v1_file_of_the_depth(tmp_path):
+    """If this fails, a run with empty weights_path misses torchvision's file in torch hub's
+    cache, takes another depth's file, or prefers another ImageNet recipe's file of the depth
+    over the IMAGENET1K_V1 one torchvision's detection models start from."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    assert cached_imagenet(50, tmp_path) is None
+    for name in ("resnet101-63fe2227.pth", "resnet18-f37072fd.pth", "resnet50-11ad3fa6.pth"):
+        (folder / name).touch()
+    assert cached_imagenet(50, tmp_path) == folder / "resnet50-11ad3fa6.pth"
+    (folder / IMAGENET_FILES[50]).touch()
+    assert cached_imagenet(50, tmp_path) == folder / "resnet50-0676ba61.pth"
+    assert cached_imagenet(101, tmp_path) == folder / "resnet101-63fe2227.pth"
+    assert cached_imagenet(34, tmp_path) is None
 
 
 @pytest.mark.parametrize("edit, bad_key", [

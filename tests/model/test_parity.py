@@ -25,13 +25,16 @@ thresholds are fractions of agreeing detections, not all of them.
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 
 from maskrcnn.config import load_config
+from maskrcnn.engine.checkpoint import load_init_weights, read_init_weights
 from maskrcnn.model.convert import (
     convert_torchvision_maskrcnn,
     load_torchvision_maskrcnn,
@@ -50,6 +53,7 @@ K = 3  # foreground classes; torchvision's num_classes is K + 1
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 RESIDUAL_GAMMA = 0.5
 SCORE_TOL, BOX_RTOL, BOX_ATOL, MASK_IOU = 1e-4, 1e-3, 1e-3, 0.99
+PHOTOS = Path(__file__).resolve().parents[1] / "assets" / "coco2017-tiny" / "val2017"
 
 
 def _images(seed: int = 0) -> torch.Tensor:
@@ -76,11 +80,25 @@ def _images(seed: int = 0) -> torch.Tensor:
     return out
 
 
-def _torchvision_model(images: torch.Tensor) -> nn.Module:
+def _photos() -> torch.Tensor:
+    """uint8[N, 3, H, W] on the canvas: the top left corners of two real COCO photos of
+    tests/assets, cut to IMAGE_SIZES (no resizing, so torchvision's factor stays exactly 1)."""
+    out = torch.zeros(len(IMAGE_SIZES), 3, *CANVAS, dtype=torch.uint8)
+    for i, (name, (h, w)) in enumerate(zip(["000000017627.jpg", "000000087038.jpg"],
+                                           IMAGE_SIZES, strict=True)):
+        with Image.open(PHOTOS / name) as photo:
+            pixels = torch.frombuffer(bytearray(photo.convert("RGB").tobytes()),
+                                      dtype=torch.uint8)
+            rgb = pixels.reshape(photo.height, photo.width, 3).permute(2, 0, 1)  # (3, H, W)
+        out[i, :, :h, :w] = rgb[:, :h, :w]
+    return out
+
+
+def _torchvision_model(images: torch.Tensor, num_classes: int = K + 1) -> nn.Module:
     """torchvision's Mask R-CNN with our test settings and conditioned random weights."""
     torch.manual_seed(0)
     model = maskrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=K + 1,
+        weights=None, weights_backbone=None, num_classes=num_classes,
         min_size=CANVAS[0], max_size=CANVAS[1], image_mean=MEAN, image_std=STD,
         rpn_pre_nms_top_n_test=PRE_NMS, rpn_post_nms_top_n_test=POST_NMS, rpn_nms_thresh=0.7,
         box_score_thresh=0.05, box_nms_thresh=0.5, box_detections_per_img=100)
@@ -115,7 +133,7 @@ def _as_torchvision(images: torch.Tensor) -> list[torch.Tensor]:
     return [img[:, :h, :w].float() for img, (h, w) in zip(images, IMAGE_SIZES, strict=True)]
 
 
-def _our_model() -> nn.Module:
+def _our_model(num_classes: int = K) -> nn.Module:
     """Our MaskRCNN with torchvision's settings: its thresholds and top-k counts,
     ROIAlign not aligned, RPN min size 1e-3, the same pixel statistics. Its frozen batch
     norms stay separate modules, as torchvision's: folded into the convs (fold_frozen_bn)
@@ -123,7 +141,7 @@ def _our_model() -> nn.Module:
     output), which moves 1 in 10 scores past SCORE_TOL; tests/model/test_backbone.py
     compares the folded body with the separate one."""
     config = load_config("8x1", [
-        f"model {{ num_classes: {K} "
+        f"model {{ num_classes: {num_classes} "
         f"rpn {{ pre_nms_topk_test: {PRE_NMS} post_nms_topk_test: {POST_NMS} nms_threshold: 0.7 "
         "min_box_size: 0.001 } "
         "roi_heads { roi_align_aligned: false test_score_threshold: 0.05 "
@@ -144,12 +162,10 @@ def models():
     return images, theirs, ours
 
 
-@pytest.fixture(scope="module")
-def outputs(models):
-    """Both models' proposals and detections on the test images: torchvision's per-image
-    lists (proposals [P_i, 4], detections dicts), ours padded (see MaskRCNN.forward), with
+def _run_both(images: torch.Tensor, theirs: nn.Module, ours: nn.Module):
+    """Both models' proposals and detections on images: torchvision's per-image lists
+    (proposals [P_i, 4], detections dicts), ours padded (see MaskRCNN.forward), with
     full-image masks pasted on the canvas."""
-    images, theirs, ours = models
     proposals = {}
 
     def keep(name, select):  # a forward hook that records, returning None (output unchanged)
@@ -166,6 +182,12 @@ def outputs(models):
     for hook in hooks:
         hook.remove()
     return proposals, expected, out, masks
+
+
+@pytest.fixture(scope="module")
+def outputs(models):
+    """_run_both on the test images."""
+    return _run_both(*models)
 
 
 def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -206,16 +228,13 @@ def test_proposals_match_torchvision(outputs):
     assert matched / compared >= 0.995, f"{matched}/{compared} proposals agree"
 
 
-def test_detections_match_torchvision(outputs):
-    """If this fails, our inference differs from torchvision's on the same weights: proposal
-    generation, RoI pooling, box decoding, class-wise NMS or mask pasting no longer follow
-    torchvision's semantics (or the converter maps a weight to the wrong layer).
+def _detection_agreement(expected, out, masks) -> tuple[int, int, list, list[int]]:
+    """(agreeing, compared, failures, torchvision's labels) of the two models' detections.
 
     Each torchvision detection, in order, is matched to the nearest-in-order unused one of
     ours with the same label, a score within SCORE_TOL and a box within BOX_RTOL / BOX_ATOL;
-    it agrees if their 0.5-thresholded full-image masks have IoU >= MASK_IOU. The fraction
-    is over the larger of the two detection counts of each image."""
-    _, expected, out, masks = outputs
+    it agrees if their 0.5-thresholded full-image masks have IoU >= MASK_IOU. compared sums
+    the larger of the two detection counts of each image."""
     agreeing = compared = 0
     failures = []
     for i, (h, w) in enumerate(IMAGE_SIZES):
@@ -235,10 +254,44 @@ def test_detections_match_torchvision(outputs):
             else:
                 failures.append((i, t, f"mask IoU {iou:.4f}"))
         compared += max(theirs["boxes"].shape[0], count)
-    fraction = agreeing / max(compared, 1)
     labels = sorted({int(c) for e in expected for c in e["labels"]})
+    return agreeing, compared, failures, labels
+
+
+def test_detections_match_torchvision(outputs):
+    """If this fails, our inference differs from torchvision's on the same weights: proposal
+    generation, RoI pooling, box decoding, class-wise NMS or mask pasting no longer follow
+    torchvision's semantics (or the converter maps a weight to the wrong layer). See
+    _detection_agreement for what agrees."""
+    _, expected, out, masks = outputs
+    agreeing, compared, failures, labels = _detection_agreement(expected, out, masks)
+    fraction = agreeing / max(compared, 1)
     print(f"\ndetections: {agreeing}/{compared} agree ({fraction:.1%}); labels {labels}")
     assert compared >= 50, f"only {compared} detections to compare"
+    assert fraction >= 0.95, f"{agreeing}/{compared} agree; first failures {failures[:10]}"
+
+
+def test_init_from_a_saved_torchvision_state_dict_detects_as_torchvision(tmp_path):
+    """If this fails, --init_from with a torchvision maskrcnn_resnet50_fpn file (its COCO
+    format: 91 outputs, our num_classes 90) leaves a tensor out or puts one in the wrong
+    place, so fine-tuning would not start from torchvision's model: before any training our
+    detections on real photos must be torchvision's. The file is saved from a randomly
+    initialised model, conditioned as the other tests' (nothing is downloaded)."""
+    images = _photos()
+    theirs = _torchvision_model(images, num_classes=91)
+    path = tmp_path / "maskrcnn_resnet50_fpn.pth"
+    torch.save(theirs.state_dict(), path)
+    ours = _our_model(num_classes=90)
+    line = load_init_weights(ours, read_init_weights(path))
+    total = len(ours.state_dict())
+    assert line == (f"--init_from={path} (a torchvision maskrcnn_resnet50_fpn state dict): "
+                    f"loaded {total} of the model's {total} tensors")
+    _, expected, out, masks = _run_both(images, theirs, ours)
+    agreeing, compared, failures, labels = _detection_agreement(expected, out, masks)
+    fraction = agreeing / max(compared, 1)
+    print(f"\nphotos, 90 classes: {agreeing}/{compared} detections agree ({fraction:.1%}); "
+          f"{len(labels)} labels")
+    assert compared >= 50 and len(labels) >= 10, f"{compared} detections, labels {labels}"
     assert fraction >= 0.95, f"{agreeing}/{compared} agree; first failures {failures[:10]}"
 
 
