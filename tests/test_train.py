@@ -36,12 +36,17 @@ def test_main_job_on_synthetic_data(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--set=solver { bse_lr: 1 }"], "error: --set #1"),
     (["--config=8x5"], "error: unknown config '8x5'"),
-    (["--config=8x4"], "error: no training data: pass --data_dir"),
+    (["--config=8x4", "--backbone_weights=random"], "error: no training data: pass --data_dir"),
+    (["--config=8x4"], "error: --config=8x4: model.backbone.weights_path is empty"),
+    (["--config=8x4", "--backbone_weights=/nonexistent.pth"],
+     "error: backbone weights /nonexistent.pth: no such file"),
+    (["--init_from=/nonexistent.pt"], "error: --init_from=/nonexistent.pt: no such file"),
     (["--data_dir=/nonexistent"], "error: --data_dir=/nonexistent: no such folder"),
     (["--set=run { images_per_gpu: -1 }"], "run.images_per_gpu = -1: must be > 0"),
 ])
-def test_bad_input_is_one_line(tmp_path, flags, message):
+def test_bad_input_is_one_line(tmp_path, monkeypatch, flags, message):
     """If this fails, a user's mistake produces a traceback or a zero exit status."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no ImageNet file cached
     result = run_train(tmp_path, f"--output_dir={tmp_path / 'run'}", *flags)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
