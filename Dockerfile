@@ -1,7 +1,12 @@
 # GPU training image: maskrcnn on the official PyTorch CUDA image, launched with torchrun.
 #
 #   docker build -t maskrcnn:0.1.0 .
-#   docker run --gpus all --ipc=host -v /data/coco:/data/coco:ro -v "$PWD/runs:/runs" maskrcnn:0.1.0
+#   docker run --gpus all --ipc=host -v /data/coco:/data/coco:ro -v /data/weights:/weights:ro \
+#     -v "$PWD/runs:/runs" maskrcnn:0.1.0
+#
+# /data/weights holds torchvision's ResNet-50 ImageNet file, resnet50-0676ba61.pth (fetched once
+# from https://download.pytorch.org/models/resnet50-0676ba61.pth; nothing is downloaded at run
+# time, and the COCO configs stop without it).
 #
 # torch, torchvision and Triton come from the base image, not from requirements.lock: the lock
 # pins the CPU development machine (torch 2.14.1 with CUDA 13 wheels from PyPI), while the
@@ -57,4 +62,4 @@ WORKDIR /workspace
 # and `--entrypoint maskrcnn-eval` (or maskrcnn-predict) runs another command.
 ENTRYPOINT ["torchrun"]
 CMD ["--nproc_per_node=gpu", "-m", "maskrcnn.train", "--config=8x4", "--data_dir=/data/coco", \
-     "--output_dir=/runs/8x4"]
+     "--backbone_weights=/weights/resnet50-0676ba61.pth", "--output_dir=/runs/8x4"]
