@@ -108,7 +108,8 @@ def test_eval_scores_a_faulty_val_file_as_its_sound_part(checkpoint, faulty_val,
     """If this fails, `maskrcnn-eval` on a val file with faulty annotations (a 2-point
     polygon, an empty polygon list...) ends in a pycocotools traceback, scores against
     something else than the sound annotations (the AP differs from the one the model scored
-    on the file without the faults: box 0.307, mask 0.217), or drops them silently."""
+    on the file without the faults: box 0.307, mask 0.217), or drops them silently; or
+    `maskrcnn-eval --results` scores the results it wrote differently against that file."""
     json_path, images, ids = faulty_val
     result = run_module("maskrcnn.eval", *_eval_flags(checkpoint, json_path, images, tmp_path),
                         cache_dir=cache)
@@ -116,6 +117,13 @@ def test_eval_scores_a_faulty_val_file_as_its_sound_part(checkpoint, faulty_val,
     _check_named(result.stdout, json_path, "val", ids)
     found = re.search(r"box AP ([\d.]+), mask AP ([\d.]+)", result.stdout)
     assert (float(found.group(1)), float(found.group(2))) == scores()
+    # Its results file scored by `eval --results` against the same faulty file: the same AP.
+    scored = run_module("maskrcnn.eval", f"--results={tmp_path / 'coco_results.json'}",
+                        f"--val_json={json_path}", cache_dir=cache)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert f"warning: {json_path}: dropped 5 of " in scored.stdout
+    found = re.search(r"bbox AP ([\d.e-]+), segm AP ([\d.e-]+)$", scored.stdout, re.M)
+    assert tuple(float(f"{float(ap):.3f}") for ap in found.groups()) == scores()
 
 
 def test_eval_stops_on_a_faulty_val_file_under_error(checkpoint, faulty_val, cache, tmp_path):
