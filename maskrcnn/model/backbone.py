@@ -65,6 +65,7 @@ class ResNetBody(nn.Module):
             compares the two).
 
     Attributes:
+        depth: as given (read_imagenet checks a file against it).
         out_channels: channels of C2..C5.
     """
 
@@ -137,10 +138,6 @@ class ResNetBody(nn.Module):
                 for key, t in module.named_parameters(recurse=False):
                     shapes[prefix + key] = t.shape
         return shapes, optional
-
-    def load_imagenet(self, path: str) -> None:
-        """Loads a torchvision ImageNet checkpoint (see read_imagenet; fc.* is ignored)."""
-        self.load_state_dict(read_imagenet(path, self.depth))
 
 
 def read_imagenet(path: str, depth: int) -> dict[str, torch.Tensor]:
@@ -219,7 +216,7 @@ class Backbone(nn.Module):
         fpn_channels: channels of every FPN level.
         norm, fold_frozen_bn: see ResNetBody.
 
-    Weights are random; a new training run loads ImageNet ones into body (load_imagenet).
+    Weights are random; a new training run loads ImageNet ones into body (read_imagenet).
 
     Attributes:
         strides: strides of P2..P6.

@@ -15,6 +15,7 @@ from maskrcnn.model.backbone import (
     ResNetBody,
     cached_imagenet,
     convert_torchvision_backbone,
+    read_imagenet,
 )
 from maskrcnn.model.fpn import FPN
 from maskrcnn.model.frozen_bn import FoldedConv2d, FrozenBatchNorm2d
@@ -162,15 +163,15 @@ def test_frozen_stages_get_no_gradient():
         assert (p.grad is None) == name.startswith(("conv1.", "layer1.")), name
 
 
-# ---------------------------------------------------------------- load_imagenet
+# ---------------------------------------------------------------- read_imagenet
 
 
-def test_load_imagenet_matches_torchvision(imagenet_resnet18):
+def test_read_imagenet_matches_torchvision(imagenet_resnet18):
     """An ImageNet checkpoint loads into the wrong modules, fc is not ignored, or the frozen
     batch norms disagree with torchvision's in eval mode."""
     tv, path = imagenet_resnet18
     body = ResNetBody(18, 2)
-    body.load_imagenet(path)
+    body.load_state_dict(read_imagenet(path, 18))
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
@@ -193,12 +194,12 @@ def test_build_model_reads_no_weights_file(tmp_path):
     assert build_model(config).backbone.body.depth == 50
 
 
-def test_load_imagenet_missing_file(tmp_path):
+def test_read_imagenet_missing_file(tmp_path):
     """A missing checkpoint fails with something other than one line naming it (ConfigError,
     which the commands print as one line)."""
     path = str(tmp_path / "absent.pth")
     with pytest.raises(ConfigError, match="absent.pth: no such file"):
-        ResNetBody(18, 2).load_imagenet(path)
+        read_imagenet(path, 18)
 
 
 def test_cached_imagenet_prefers_torchvision_v1_file_of_the_depth(tmp_path):
@@ -225,7 +226,7 @@ def test_cached_imagenet_prefers_torchvision_v1_file_of_the_depth(tmp_path):
      "layer3.0.conv1.weight"),
     (lambda s: s.update({"layer4.1.bn1.bias": torch.zeros(7)}), "layer4.1.bn1.bias"),
 ])
-def test_load_imagenet_bad_key(imagenet_resnet18, tmp_path, edit, bad_key):
+def test_read_imagenet_bad_key(imagenet_resnet18, tmp_path, edit, bad_key):
     """A missing key, an unexpected key or a shape mismatch loads silently or fails without a
     one-line message naming the file and the key (e.g. a ResNet-50 file for a ResNet-18)."""
     tv, _ = imagenet_resnet18
@@ -234,24 +235,24 @@ def test_load_imagenet_bad_key(imagenet_resnet18, tmp_path, edit, bad_key):
     path = tmp_path / "bad.pth"
     torch.save(state, path)
     with pytest.raises(ValueError) as info:
-        ResNetBody(18, 2).load_imagenet(str(path))
+        read_imagenet(str(path), 18)
     message = str(info.value)
     assert "\n" not in message and str(path) in message and bad_key in message
 
 
-def test_load_imagenet_wrong_depth(imagenet_resnet18):
+def test_read_imagenet_wrong_depth(imagenet_resnet18):
     """A checkpoint of another depth loads partially instead of failing."""
     _, path = imagenet_resnet18
     with pytest.raises(ValueError, match="resnet18.pth"):
-        ResNetBody(34, 2).load_imagenet(path)
+        read_imagenet(path, 34)
 
 
-def test_load_imagenet_corrupted_file(tmp_path):
+def test_read_imagenet_corrupted_file(tmp_path):
     """A file that is not a torch checkpoint fails with an obscure multi-line error."""
     path = tmp_path / "garbage.pth"
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError) as info:
-        ResNetBody(18, 2).load_imagenet(str(path))
+        read_imagenet(str(path), 18)
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
