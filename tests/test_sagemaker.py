@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch.distributed.run import get_args_parser
 
 from maskrcnn.engine import checkpoint as ckpt
 from tests.test_deploy import DISTRIBUTED, check_launch, torchrun_argv
+from tests.tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 SAGEMAKER = REPO / "deploy" / "sagemaker"
@@ -117,15 +119,6 @@ def test_entry_command_on_host_2_of_4_parses_as_torchrun():
     assert flags["resume"] == ["true"] and flags["device"] == ["cuda"]
     assert get_args_parser().parse_args(command_on(job, "algo-1")).node_rank == 0
     assert get_args_parser().parse_args(command_on(job, "algo-4")).node_rank == 3
-
-
-def test_resume_starts_from_scratch_without_a_checkpoint(tmp_path):
-    """If this fails, --resume (which every SageMaker job passes, also its first start) finds
-    something to stop on in an empty or missing checkpoint folder, and a new job cannot
-    start. train.py logs "no checkpoint ...; starting from scratch" when this is None."""
-    assert ckpt.load_latest(tmp_path / "missing", print) is None
-    (tmp_path / ckpt.CHECKPOINT_DIR).mkdir()
-    assert ckpt.load_latest(tmp_path, print) is None
 
 
 def test_repeated_set_keeps_its_order_and_the_batch():
@@ -253,6 +246,45 @@ def test_entry_execs_torchrun_with_the_interface(tmp_path):
     argv, interface = json.loads(ran)
     assert argv == command_on(job, "algo-3") and interface == "eth7"
     assert announced == f"algo-3: NCCL_SOCKET_IFNAME=eth7 torchrun {shlex.join(argv)}"
+
+
+def test_two_instances_train_together_from_scratch_with_resume(tmp_path, cache):
+    """If this fails, two entry.py agents started as on two instances (here both on this
+    machine, on the CPU) do not join one job of 2 processes through the first host's
+    rendezvous, or --resume=true, which every SageMaker job passes, stops a first start that
+    has no checkpoint yet instead of training from scratch and writing one."""
+    out = tmp_path / "opt-ml-checkpoints"
+    hyperparameters = {"config": "shapes", "device": "cpu", "output_dir": str(out),
+                       "resume": "true", **{f"set.{k}": text for k, text in
+                                            enumerate(TINY, start=1)}}
+    hosts = ["localhost", "127.0.0.1"]  # two names of this machine; the first hosts the store
+    with socket.socket() as free:
+        free.bind(("localhost", 0))
+        port = free.getsockname()[1]
+    environment = {**os.environ, "MASKRCNN_CACHE": str(cache), "CUDA_VISIBLE_DEVICES": "",
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    agents = []
+    for host in hosts:
+        config_dir = tmp_path / host
+        config_dir.mkdir()
+        (config_dir / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+        (config_dir / "resourceconfig.json").write_text(
+            json.dumps({"current_host": host, "hosts": hosts}))
+        agents.append(subprocess.Popen(
+            [sys.executable, str(SAGEMAKER / "entry.py"), "--nproc_per_node=1",
+             f"--master_port={port}", f"--config_dir={config_dir}"],
+            cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True))
+    try:
+        logs = [agent.communicate(timeout=300)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()  # only if still running (a rendezvous that never formed)
+    assert [agent.returncode for agent in agents] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    first = logs[0]
+    assert f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch" in first
+    assert "on cpu in each of 2 processes" in first
+    assert ckpt.latest_checkpoint(out) is not None
 
 
 @pytest.mark.parametrize("resource_config, hyperparameters, culprit", [
