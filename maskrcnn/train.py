@@ -37,7 +37,7 @@ from maskrcnn.cli import run_command
 from maskrcnn.config import Config, ConfigError, to_text
 from maskrcnn.config.config_pb2 import FROZEN_BN
 from maskrcnn.config.flags import FLAGS, config_from_flags
-from maskrcnn.data.coco import CocoDataset
+from maskrcnn.data.coco import describe
 from maskrcnn.data.loader import (
     build_dataset,
     build_eval_loader,
@@ -170,20 +170,6 @@ def starting_weights(config: Config, init_from: str | None, source: str,
     return config, StartingWeights(path, imagenet, init)
 
 
-def describe(name: str, coco: CocoDataset) -> str:
-    s = coco.stats
-    classes = ", ".join(f"{k}: {v}" for k, v in sorted(s.instances_per_class.items()))
-    return (f"{name}: {coco.json_path}\n"
-            f"  {s.images} images, {s.annotations} annotations, {len(coco.records)} images used\n"
-            f"  crowd annotations (not training targets): {s.crowd}\n"
-            f"  boxes clipped to the image: {s.clipped_boxes}, dropped as degenerate: "
-            f"{s.dropped_boxes}\n"
-            f"  polygons of fewer than 3 points dropped: {s.dropped_polygons}, annotations "
-            f"left without a polygon (dropped): {s.dropped_segmentations}\n"
-            f"  images without targets: {s.images_without_targets}\n"
-            f"  instances per class: {classes}")
-
-
 def build_trainer(config: Config, process: distributed.Process, *,
                   log: Callable[[str], None] = print, extra_hooks: list[Hook] | None = None,
                   start: StartingWeights | None = None) -> Trainer:
@@ -207,10 +193,13 @@ def build_trainer(config: Config, process: distributed.Process, *,
     torch.manual_seed(config.run.seed)  # the model's initial weights
     num_classes = config.model.num_classes
     train_coco = read_coco(paths.train_json, paths.train_images, train=True,
-                           num_classes=num_classes)
+                           num_classes=num_classes,
+                           bad_annotations=config.data.bad_annotations)
     say(describe("train", train_coco))
     val_coco = (read_coco(paths.val_json, paths.val_images, train=False,
-                          num_classes=num_classes) if paths.val_json else None)
+                          num_classes=num_classes,
+                          bad_annotations=config.data.bad_annotations)
+                if paths.val_json else None)
     if val_coco is not None:
         say(describe("val", val_coco))
     dataset = build_dataset(config, train_coco, train=True)

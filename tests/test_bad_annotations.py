@@ -1,8 +1,8 @@
-"""Hand-made annotation files with faults, through the commands: `maskrcnn-eval` with the
-faults in its val file. By default each faulty annotation is dropped, named in a warning and
-counted in the statistics, and the run ends normally; `data { bad_annotations: ERROR }` stops
-it with one line (exit status 2). The reader's handling of each fault alone is in
-tests/data/test_coco.py."""
+"""Hand-made annotation files with faults, through the commands: `maskrcnn-train` with the
+faults in its train and its val file, `maskrcnn-eval` with them in the val file. By default
+each faulty annotation is dropped, named in a warning and counted in the statistics, and the
+run ends normally; `data { bad_annotations: ERROR }` stops it with one line (exit status 2).
+The reader's handling of each fault alone is in tests/data/test_coco.py."""
 
 import json
 import re
@@ -20,8 +20,10 @@ from maskrcnn.data.coco import (
 )
 from maskrcnn.data.loader import resolve_data_paths
 from tests.shapes_checkpoint import config, scores, write_checkpoint
-from tests.tiny import run_module
+from tests.tiny import REPO, run_module, tiny_flags
 
+REAL = REPO / "tests" / "assets" / "coco2017-tiny"
+IMAGES = REAL / "val2017"
 ERROR_SET = "--set=data { bad_annotations: ERROR }"
 
 
@@ -135,3 +137,66 @@ def test_eval_stops_on_a_faulty_val_file_under_error(checkpoint, faulty_val, cac
     # The first fault in the file: the odd polygon added to a sound annotation.
     line = _one_line_error(result, json_path, ids[ODD_POLYGON])
     assert "a polygon needs an even number of coordinates, not 5" in line
+
+
+@pytest.fixture(scope="module")
+def faulty_real(tmp_path_factory) -> tuple[Path, dict, Path, dict, Path]:
+    """(train json, its fault ids, val json, its fault ids, sound json): 4 real photos of
+    tests/assets with a few instances each, with a faulty annotation of each kind and a
+    duplicate annotation id in the train file, the same faults in the val file, and none in
+    the sound file."""
+    data = json.loads((REAL / "annotations" / "instances_val2017.json").read_text())
+    counts: dict[int, int] = {}
+    for ann in data["annotations"]:
+        counts[ann["image_id"]] = counts.get(ann["image_id"], 0) + (not ann["iscrowd"])
+    images = sorted((i for i in data["images"] if counts.get(i["id"])),
+                    key=lambda i: (counts[i["id"]], i["id"]))[:4]
+    keep = {i["id"] for i in images}
+    root = tmp_path_factory.mktemp("real")
+    files = []
+    for split in ("train", "val", "sound"):
+        subset = {**data, "images": images,
+                  "annotations": [dict(a) for a in data["annotations"] if a["image_id"] in keep]}
+        if split != "sound":
+            ids = add_faults(subset)
+            if split == "train":
+                subset["annotations"].append(dict(subset["annotations"][0]))
+        files += [_write(root / f"{split}.json", subset), ids]
+    return tuple(files[:5])
+
+
+def _train(train_json: Path, val_json: Path, output_dir: Path, *extra: str):
+    return run_module("maskrcnn.train", *tiny_flags(
+        output_dir, "model { num_classes: 80 }",
+        "solver { epochs: 1 images_per_epoch: 4 lr_decay_epochs: [1] }", *extra),
+        f"--train_json={train_json}", f"--train_images={IMAGES}", f"--val_json={val_json}",
+        f"--val_images={IMAGES}", cache_dir=output_dir)
+
+
+def test_train_drops_faulty_annotations_of_both_files(faulty_real, tmp_path):
+    """If this fails, `maskrcnn-train` stops on faulty annotations in its train file, or
+    trains and then ends in a pycocotools traceback on those of its val file, or drops them
+    without naming them in a warning and the train and val statistics, or loses an
+    annotation that shares another's id."""
+    train_json, train_ids, val_json, val_ids, _ = faulty_real
+    result = _train(train_json, val_json, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_named(result.stdout, train_json, "train", train_ids)
+    _check_named(result.stdout, val_json, "val", val_ids)
+    assert f"warning: {train_json}: 1 annotation(s) reuse an id" in result.stdout
+    assert "duplicate annotation ids renumbered: 1" in result.stdout
+    assert re.search(r"box AP [\d.]+, mask AP [\d.]+", result.stdout)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_train_stops_on_a_faulty_file_under_error(faulty_real, tmp_path, split):
+    """If this fails, `maskrcnn-train` with data.bad_annotations ERROR trains on a train or
+    val file with faulty annotations, or stops without one line naming the file, annotation
+    and fault (or only after training)."""
+    train_json, train_ids, val_json, val_ids, sound = faulty_real
+    faulty, ids = (train_json, train_ids) if split == "train" else (val_json, val_ids)
+    result = _train(faulty if split == "train" else sound, faulty if split == "val" else sound,
+                    tmp_path, "data { bad_annotations: ERROR }")
+    line = _one_line_error(result, faulty, ids[ODD_POLYGON])
+    assert "a polygon needs an even number of coordinates, not 5" in line
+    assert not (tmp_path / "checkpoints").exists()

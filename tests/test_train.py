@@ -86,11 +86,12 @@ def _garble_rle(data: dict) -> None:
     ann["segmentation"] = {"counts": "not RLE: ~~~", "size": [image["height"], image["width"]]}
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (_garble_rle, "RLE counts string is malformed"),
-    (lambda d: [a.update(iscrowd=1) for a in d["annotations"]], "nothing to train on"),
+@pytest.mark.parametrize("mutate, message, setting", [
+    # A garbled RLE is dropped by default (tests/test_bad_annotations.py); ERROR stops on it.
+    (_garble_rle, "RLE counts string is malformed", "data { bad_annotations: ERROR }"),
+    (lambda d: [a.update(iscrowd=1) for a in d["annotations"]], "nothing to train on", None),
 ])
-def test_malformed_real_annotation_file_is_one_line(tmp_path, mutate, message):
+def test_malformed_real_annotation_file_is_one_line(tmp_path, mutate, message, setting):
     """If this fails, the two malformed files a user met (a garbled RLE counts string, a file
     with no usable annotation) end in pycocotools' or the sampler's traceback again."""
     data = json.loads((REAL / "annotations" / "instances_val2017.json").read_text())
@@ -98,7 +99,8 @@ def test_malformed_real_annotation_file_is_one_line(tmp_path, mutate, message):
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(data))
     result = run_train(tmp_path, f"--output_dir={tmp_path / 'run'}", f"--train_json={path}",
-                       f"--train_images={REAL / 'val2017'}", overrides=SMALL)
+                       f"--train_images={REAL / 'val2017'}",
+                       overrides=[*SMALL, *([setting] if setting else [])])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
     assert lines[0].startswith(f"error: annotation file {path}") and message in lines[0]

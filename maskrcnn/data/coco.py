@@ -86,8 +86,6 @@ class CocoStats:
 
     faulty: annotations dropped as faulty, by reason (REASONS); faulty_polygons: polygons
     dropped from annotations kept, by reason; renumbered: duplicate annotation ids renumbered.
-    dropped_polygons, dropped_segmentations: the polygons of fewer than 3 points dropped, and
-    the annotations left without a polygon, as the log counted them before `faulty`.
     """
 
     images: int = 0
@@ -95,8 +93,6 @@ class CocoStats:
     crowd: int = 0
     clipped_boxes: int = 0
     dropped_boxes: int = 0
-    dropped_polygons: int = 0
-    dropped_segmentations: int = 0
     faulty: dict = field(default_factory=dict)
     faulty_polygons: dict = field(default_factory=dict)
     renumbered: int = 0
@@ -447,12 +443,8 @@ class CocoDataset:
             self.coco.createIndex()
         self.category_ids = sorted(self.coco.cats)  # class k (1..K) is category_ids[k - 1]
         self.class_names = [self.coco.cats[c].get("name", str(c)) for c in self.category_ids]
-        faults = self.file.dropped + self.file.dropped_polygons
         self.stats = CocoStats(
             images=len(self.coco.imgs), annotations=self.file.annotations,
-            dropped_polygons=sum(f.reason == SHORT_POLYGON for f in faults),
-            dropped_segmentations=sum(f.reason in (SHORT_POLYGON, EMPTY_SEGMENTATION)
-                                      for f in self.file.dropped),
             faulty=_count(self.file.dropped), faulty_polygons=_count(self.file.dropped_polygons),
             renumbered=len(self.file.renumbered))
         all_records = [self._record(image_id) for image_id in sorted(self.coco.imgs)]
