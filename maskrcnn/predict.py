@@ -1,4 +1,6 @@
 """`python -m maskrcnn.predict --checkpoint=PATH --input=IMAGE_OR_FOLDER`: draw predictions.
+`--model=FILE` instead of --checkpoint: the same from a program of maskrcnn-export (its
+FILE.json gives the config, canvas and classes; images are resized onto its one canvas).
 
 For each image it writes <output_dir>/<image name>.png with the boxes, class names, scores and
 masks drawn at the image's own resolution, and all detections together in
@@ -11,13 +13,16 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from absl import flags
 from pycocotools import mask as mask_utils
 
 from maskrcnn.cli import run_command
+from maskrcnn.config import Config, config_pb2
 from maskrcnn.config.flags import FLAGS, config_from_flags
 from maskrcnn.data.coco import DatasetError
 from maskrcnn.engine import checkpoint as ckpt
+from maskrcnn.engine.deploy import ExportedModel
 from maskrcnn.engine.fallback import verify_kernels
 from maskrcnn.engine.predictions import (
     draw_ground_truth,
@@ -31,6 +36,8 @@ from maskrcnn.runtime import Runtime, resolve_device
 from maskrcnn.visualize import side_by_side, titled
 
 flags.DEFINE_multi_string("input", [], "An image file or a folder of images. Repeatable.")
+flags.DEFINE_string("model", None, "A program written by maskrcnn-export (pt2, aoti or onnx), "
+                    "instead of --checkpoint.")
 flags.DEFINE_float("draw_threshold", 0.5, "Only detections scoring at least this are drawn.")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -51,19 +58,33 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
     return paths
 
 
-def main() -> None:
-    if not FLAGS.checkpoint:
-        raise DatasetError("--checkpoint is required")
-    state = ckpt.load(Path(FLAGS.checkpoint))
-    config = config_from_flags(state["config"], f"{FLAGS.checkpoint} (its config)")
-    device = resolve_device(FLAGS.device)
+def load_model(args) -> tuple[torch.nn.Module, Config, torch.device, list[int], list[str]]:
+    """The model of --checkpoint or --model, its config, device, category ids and names."""
+    if args.model:
+        model = ExportedModel(Path(args.model))
+        info = model.info
+        config = config_from_flags(info["config"], f"{args.model}.json (its config)")
+        config.run.precision = config_pb2.FP32  # the program computes in its own precision
+        device = torch.device(info["device"])
+        print(f"on {device}: the {info['format']} program {args.model}, {info['batch']} "
+              f"images of {info['canvas'][0]}x{info['canvas'][1]} per call")
+        return model, config, device, info["category_ids"], info["class_names"]
+    if not args.checkpoint:
+        raise DatasetError("--checkpoint (or --model) is required")
+    state = ckpt.load(Path(args.checkpoint))
+    config = config_from_flags(state["config"], f"{args.checkpoint} (its config)")
+    device = resolve_device(args.device)
     runtime = verify_kernels(Runtime.for_config(config, device), device)
     print(f"on {device}: {runtime.describe()}")
     model = build_model(config, runtime)
-    ckpt.load_model_state(model, state["model"], FLAGS.checkpoint)
+    ckpt.load_model_state(model, state["model"], args.checkpoint)
     model.to(device)
+    return model, config, device, state["category_ids"], state["class_names"]
+
+
+def main() -> None:
+    model, config, device, category_ids, class_names = load_model(FLAGS)
     paths = find_images(FLAGS.input)
-    category_ids, class_names = state["category_ids"], state["class_names"]
     output_dir = Path(FLAGS.output_dir or Path(config.run.output_dir) / "predictions")
     ground_truth, names = ground_truth_by_file(FLAGS.val_json) if FLAGS.val_json else ({}, {})
     output_dir.mkdir(parents=True, exist_ok=True)

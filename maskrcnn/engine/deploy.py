@@ -1,0 +1,274 @@
+"""The whole inference as one program at static shapes, for serving without our package:
+torch.export (pt2), AOTInductor (aoti) and ONNX (onnx) files, and loading them back.
+
+Shape legend: N images (the program's batch), H x W its canvas, D detections per image,
+M mask side.
+
+The program takes uint8[N, 3, H, W] images (each resized as data/transforms.py resizes and
+padded with zeros at the bottom and right) and int64[N, 2] their sizes (height, width) on the
+canvas, and returns, as the eval-mode model does:
+    boxes float32[N, D, 4] (x1, y1, x2, y2) in canvas pixels, scores float32[N, D],
+    classes int64[N, D] in 1..K (0 in empty slots), valid bool[N, D] (the valid ones first,
+    by descending score), masks float32[N, D, M, M] box-local probabilities.
+It is traced along a GPU's code path (Runtime.gpu_path: static sizes, the PyTorch NMS loop,
+the gather ROIAlign) on either device, and our `torch.library` ops are traced through
+(`inline_ops`), so that the file names no operator of ours. Pasting the box-local masks at an
+image's own resolution needs that resolution, which differs per image, so it stays out of the
+program: `write_helper` writes a torch-only module beside the file (paste_masks.py) made of
+our op's own source.
+"""
+
+import inspect
+import json
+import textwrap
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from maskrcnn.config import Config, ConfigError, to_text
+from maskrcnn.data import transforms
+from maskrcnn.engine.evaluate import MASK_THRESHOLD
+from maskrcnn.model.maskrcnn import MaskRCNN
+from maskrcnn.ops import paste_masks as paste_module
+from maskrcnn.ops.nms import batched_nms_fixed
+from maskrcnn.ops.proposals import _generate_proposals
+from maskrcnn.ops.roi_align_gather import roi_align_levels
+
+FORMATS = ("pt2", "aoti", "onnx")
+OUTPUTS = ("boxes", "scores", "classes", "valid", "masks")
+# The ops the inference path calls, each replaced by its Python definition while tracing.
+INLINED = (batched_nms_fixed, _generate_proposals, roi_align_levels)
+HELPER = "paste_masks.py"  # the torch-only module written beside every exported file
+# ONNX opset of the export (torch.onnx's default in torch 2.14; onnxruntime 1.32 runs it).
+ONNX_OPSET = 18
+
+
+class InferenceProgram(nn.Module):
+    """The eval-mode model as a function of tensors only: (images, image_sizes) -> the tuple
+    OUTPUTS (module docstring). The model must be built with a static Runtime."""
+
+    def __init__(self, model: MaskRCNN):
+        super().__init__()
+        if model.runtime.trim_slots or model.runtime.nms not in ("torch",):
+            raise ValueError("export needs the static, sync-free path: build the model with "
+                             "Runtime.gpu_path()")
+        self.model = model.eval()
+
+    def forward(self, images: torch.Tensor,
+                image_sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        detections = self.model(images, image_sizes)
+        return tuple(detections[name] for name in OUTPUTS)
+
+
+class _InlineOps(TorchFunctionMode):
+    """Calls each op of INLINED as its Python definition, so tracing records aten ops only."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = {op._opoverload: op._init_fn for op in INLINED}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        definition = self.table.get(func)
+        if definition is None:
+            return func(*args, **(kwargs or {}))
+        with self:  # the definition may call another inlined op (proposals -> NMS)
+            return definition(*args, **(kwargs or {}))
+
+
+def example_inputs(config: Config, canvas: tuple[int, int], batch: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero images on the canvas, each of the largest size the config's resize gives there:
+    the program's input shapes and dtypes (their values do not shape the trace)."""
+    size = transforms.resized_size(*canvas, config.data.short_side, config.data.max_long_side,
+                                   canvas)
+    images = torch.zeros(batch, 3, *canvas, dtype=torch.uint8, device=device)
+    return images, torch.tensor([size] * batch, dtype=torch.int64, device=device)
+
+
+def export_program(model: MaskRCNN, inputs: tuple[torch.Tensor, torch.Tensor]):
+    """torch.export's ExportedProgram of InferenceProgram(model) at the inputs' shapes, with
+    our ops traced through (no `maskrcnn::` operator left in it)."""
+    with torch.no_grad(), _InlineOps():
+        program = torch.export.export(InferenceProgram(model), inputs, strict=False)
+    left = {str(node.target) for node in program.graph.nodes
+            if str(node.target).startswith("maskrcnn.")}
+    if left:
+        raise RuntimeError(f"ops of ours left in the exported program: {sorted(left)}")
+    return program
+
+
+def _onnx_sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
+    """aten.sort.stable for the ONNX exporter (torch.onnx has no translation for it): ONNX's
+    TopK over the whole axis, which breaks ties by the lower index (the ONNX spec), as a
+    stable sort does. Integer and boolean keys are ranked as int32 (onnxruntime's TopK takes
+    no uint8 or bool)."""
+    from onnxscript import ir  # noqa: PLC0415 (an optional dependency: the onnx format only)
+    from onnxscript import opset18 as op  # noqa: PLC0415
+
+    dtype = self.dtype
+    keys = self if dtype in (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.INT64,
+                             ir.DataType.INT32) else op.Cast(self, to=ir.DataType.INT32)
+    length = op.Reshape(op.Gather(op.Shape(keys), dim, axis=0), op.Constant(value_ints=[1]))
+    values, indices = op.TopK(keys, length, axis=dim, largest=descending, sorted=True)
+    return (values if keys is self else op.Cast(values, to=dtype)), indices
+
+
+def save(program, fmt: str, path: Path, inputs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Writes the ExportedProgram in format `fmt` (one of FORMATS) to path."""
+    if fmt == "pt2":
+        torch.export.save(program, path)
+    elif fmt == "aoti":
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    elif fmt == "onnx":
+        onnx_program = torch.onnx.export(
+            program, inputs, dynamo=True, opset_version=ONNX_OPSET,
+            input_names=["images", "image_sizes"], output_names=list(OUTPUTS),
+            custom_translation_table={torch.ops.aten.sort.stable: _onnx_sort_stable},
+            optimize=False, verbose=False)
+        onnx_program.save(str(path))
+    else:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def at_canvas(config: Config, canvas: tuple[int, int]) -> Config:
+    """A copy of config whose only canvas is `canvas` (the program's)."""
+    exported = Config()
+    exported.CopyFrom(config)
+    del exported.data.canvas[:]
+    exported.data.canvas.add(height=canvas[0], width=canvas[1])
+    return exported
+
+
+def metadata(config: Config, fmt: str, batch: int, device: str, category_ids: list[int],
+             class_names: list[str]) -> dict:
+    """What a user (and `maskrcnn-predict --model`) needs beside the program of a config at
+    its one canvas (at_canvas): its inputs' shapes, how images are resized, the classes, and
+    the config."""
+    canvas = config.data.canvas[0]
+    return {
+        "format": fmt, "batch": batch, "canvas": [canvas.height, canvas.width],
+        "device": device, "short_side": config.data.short_side,
+        "max_long_side": config.data.max_long_side, "mask_threshold": MASK_THRESHOLD,
+        "outputs": list(OUTPUTS), "category_ids": list(category_ids),
+        "class_names": list(class_names), "config": to_text(config),
+    }
+
+
+def _source(function) -> str:
+    """A function's source without its decorators."""
+    lines = inspect.getsource(function).splitlines(keepends=True)
+    return "".join(lines[next(i for i, line in enumerate(lines) if line.startswith("def")):])
+
+
+def helper_source() -> str:
+    """The torch-only module written beside an exported file: resizing an image onto the
+    canvas as our data pipeline does, and pasting box-local masks at an image's resolution
+    with our op's own code (ops/paste_masks.py)."""
+    parts = [
+        '"""Written by maskrcnn-export beside the exported program; needs torch only.\n\n'
+        "prepare: an image uint8[h, w, 3] -> (uint8[3, H, W] on the canvas, (height, width)\n"
+        "  resized), as maskrcnn resizes (bilinear, antialiased) and pads (zeros).\n"
+        "paste_masks: box-local mask probabilities float[N, D, M, M] and boxes float[N, D, 4]\n"
+        "  in an image's pixels -> float32[N, D, height, width] (torchvision's semantics).\n"
+        '"""\n\nimport torch\nfrom torch.nn import functional as F\n\n'
+        f"PADDING = {paste_module.PADDING}\n\n",
+        _source(transforms.resized_size).replace("Size", "tuple[int, int]"),
+        textwrap.dedent('''
+
+            def prepare(image, canvas, short_side: int, max_long_side: int):
+                """uint8[h, w, 3] (numpy or torch) -> uint8[3, H, W] tensor, (height, width)."""
+                pixels = image if isinstance(image, torch.Tensor) else torch.tensor(image)
+                pixels = pixels.permute(2, 0, 1)[None]  # (h, w, 3) -> (1, 3, h, w)
+                size = resized_size(pixels.shape[2], pixels.shape[3], short_side,
+                                    max_long_side, tuple(canvas))
+                if tuple(pixels.shape[2:]) != size:
+                    pixels = F.interpolate(pixels.contiguous(memory_format=torch.channels_last),
+                                           size=size, mode="bilinear", antialias=True,
+                                           align_corners=False)
+                out = torch.zeros(3, *canvas, dtype=torch.uint8)
+                out[:, :size[0], :size[1]] = pixels[0]
+                return out, size
+        '''),
+    ]
+    for function in (paste_module._expanded_int_boxes, paste_module._interpolation,
+                     paste_module._has_area, paste_module.paste_masks._init_fn):
+        parts.append("\n\n" + _source(function))
+    return "".join(parts)
+
+
+def write_helper(directory: Path) -> Path:
+    path = directory / HELPER
+    path.write_text(helper_source())
+    return path
+
+
+def parse_canvas(text: str) -> tuple[int, int]:
+    """--canvas=HxW as (H, W); raises ConfigError naming the flag."""
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        height = width = 0
+    if height <= 0 or width <= 0:
+        raise ConfigError(f"--canvas={text}: must be HEIGHTxWIDTH, e.g. 800x1344")
+    # The FPN's coarsest level (P6, stride 64) halves P5: a canvas must divide by its stride.
+    if height % 32 or width % 32:
+        raise ConfigError(f"--canvas={text}: height and width must be multiples of 32")
+    return height, width
+
+
+class ExportedModel(nn.Module):
+    """An exported file called as the eval-mode model: (images, image_sizes) -> detections
+    dict, for any number of images on the program's canvas (padded to its batch, split into
+    several calls where more). Used by `maskrcnn-predict --model`."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        info_path = Path(f"{path}.json")
+        try:
+            self.info = json.loads(info_path.read_text())
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"--model={path}: cannot read {info_path} (written beside the "
+                              f"program by maskrcnn-export): {error}") from None
+        fmt = self.info["format"]
+        try:
+            if fmt == "pt2":
+                self.program = torch.export.load(str(path)).module()
+            elif fmt == "aoti":
+                self.program = torch._inductor.aoti_load_package(str(path))
+            else:
+                import onnxruntime  # noqa: PLC0415 (optional: pip install maskrcnn[export])
+                self.session = onnxruntime.InferenceSession(
+                    str(path), providers=["CPUExecutionProvider"])
+        except (OSError, RuntimeError, ValueError) as error:
+            raise ConfigError(f"--model={path}: cannot load the {fmt} program: "
+                              f"{str(error).splitlines()[0]}") from None
+        self.batch = self.info["batch"]
+
+    def train(self, mode: bool = True) -> "ExportedModel":
+        """Only the flag: the program is inference alone (and torch.export's refuses train)."""
+        self.training = mode
+        return self
+
+    def _run(self, images: torch.Tensor, image_sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.info["format"] == "onnx":
+            out = self.session.run(None, {"images": images.cpu().numpy(),
+                                          "image_sizes": image_sizes.cpu().numpy()})
+            return tuple(torch.from_numpy(o) for o in out)
+        return tuple(self.program(images, image_sizes))
+
+    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor) -> dict:
+        if list(images.shape[-2:]) != self.info["canvas"]:
+            raise ConfigError(f"images of {tuple(images.shape[-2:])} for a program exported "
+                              f"at canvas {self.info['canvas']}")
+        n = images.shape[0]
+        chunks = []
+        for start in range(0, n, self.batch):
+            part, sizes = images[start:start + self.batch], image_sizes[start:start + self.batch]
+            missing = self.batch - part.shape[0]  # padded with copies of the first image
+            part = torch.cat([part, part[:1].expand(missing, -1, -1, -1)])
+            sizes = torch.cat([sizes, sizes[:1].expand(missing, -1)])
+            chunks.append([o[:self.batch - missing] for o in self._run(part, sizes)])
+        return {name: torch.cat([c[i] for c in chunks]).to(images.device)
+                for i, name in enumerate(OUTPUTS)}
