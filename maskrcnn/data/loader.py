@@ -47,8 +47,12 @@ def resolve_data_paths(config: Config) -> DataPaths:
         root = ensure_synthetic_coco(cache_dir() / f"synthetic-{digest}", **spec)
     except OSError as error:  # e.g. FileExistsError: a foreign folder in the way
         raise DatasetError(f"cannot prepare the synthetic dataset: {error}") from None
+    # An explicit val file (e.g. maskrcnn-eval --val_json on a shapes checkpoint) replaces
+    # the synthetic val split rather than being ignored.
+    val = ((Path(data.val_json), Path(data.val_images)) if data.val_json else
+           (root / "annotations" / "instances_val2017.json", root / "val2017"))
     return DataPaths(root / "annotations" / "instances_train2017.json", root / "train2017",
-                     root / "annotations" / "instances_val2017.json", root / "val2017")
+                     *val)
 
 
 def read_coco(json_path: Path, image_dir: Path, *, train: bool, num_classes: int,

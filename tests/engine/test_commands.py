@@ -136,3 +136,15 @@ def test_bad_input_is_one_line(checkpoint, cache, module, flags, message):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_explicit_val_file_replaces_the_synthetic_val_split(cache, tmp_path):
+    """If this fails, --val_json/--val_images on a synthetic-data config (e.g. maskrcnn-eval
+    of a shapes checkpoint on the user's own file) are silently ignored and the synthetic val
+    split is scored instead."""
+    own = tmp_path / "val.json"
+    with_val = config()
+    with_val.data.val_json, with_val.data.val_images = str(own), str(tmp_path)
+    paths = resolve_data_paths(with_val)
+    assert (paths.val_json, paths.val_images) == (own, tmp_path)
+    assert paths.train_json == resolve_data_paths(config()).train_json  # still synthetic
