@@ -37,6 +37,7 @@ from maskrcnn.cli import run_command
 from maskrcnn.config import Config, ConfigError, to_text
 from maskrcnn.config.config_pb2 import FROZEN_BN
 from maskrcnn.config.flags import FLAGS, config_from_flags
+from maskrcnn.config.validate import RANDOM_WEIGHTS
 from maskrcnn.data.coco import describe
 from maskrcnn.data.loader import (
     build_dataset,
@@ -66,7 +67,6 @@ from maskrcnn.engine.solver import make_schedule
 from maskrcnn.engine.step import TrainStep, unwrap
 from maskrcnn.engine.trainer import Trainer
 from maskrcnn.model.backbone import (
-    RANDOM_WEIGHTS,
     cached_imagenet,
     missing_imagenet_message,
     read_imagenet,

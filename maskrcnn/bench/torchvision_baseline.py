@@ -184,9 +184,6 @@ def unmatched_settings(config: Config, device: torch.device) -> list[str]:
                      "at every call and applies it to the conv's output; ours is folded once "
                      "to a scale and bias, and those into the weights and bias of the conv "
                      "before it (implementation, not setting).")
-    if m.backbone.weights_path:
-        notes.append("Ours loads the ImageNet backbone weights; torchvision's stays random "
-                     "(weights do not change the cost).")
     ours_only = [f"run.{name}" for name in ("channels_last", "compile", "cuda_graph")
                  if getattr(run, name) and (name != "cuda_graph" or device.type == "cuda")]
     if ours_only:

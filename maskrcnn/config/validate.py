@@ -17,6 +17,9 @@ GN_GROUPS = 32
 Problem = tuple[str, str, tuple[str, ...]]
 
 
+# model.backbone.weights_path (--backbone_weights) that asks for a random frozen-BN body.
+RANDOM_WEIGHTS = "random"
+
 def _show(value) -> str:
     """A value as the user wrote it: float32 fields printed with 7 significant digits."""
     if isinstance(value, float):
@@ -46,7 +49,7 @@ def _model_problems(model: config_pb2.ModelConfig) -> Iterator[Problem]:
     yield from _check("model.backbone.frozen_stages", model.backbone.frozen_stages,
                       0 <= model.backbone.frozen_stages <= 5, "must be in 0..5")
     yield from _check("model.backbone.norm", config_pb2.Norm.Name(model.backbone.norm),
-                      not (model.backbone.weights_path
+                      not (model.backbone.weights_path not in ("", RANDOM_WEIGHTS)
                            and model.backbone.norm != config_pb2.FROZEN_BN),
                       "must be FROZEN_BN with weights_path (ImageNet weights carry batch-norm "
                       "statistics)")

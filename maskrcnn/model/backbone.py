@@ -16,7 +16,7 @@ import torchvision
 from torch import nn
 
 from maskrcnn.config.errors import ConfigError
-from maskrcnn.config.validate import GN_GROUPS
+from maskrcnn.config.validate import GN_GROUPS, RANDOM_WEIGHTS
 from maskrcnn.model.fpn import FPN
 from maskrcnn.model.frozen_bn import FoldedConv2d, FrozenBatchNorm2d
 
@@ -36,8 +36,6 @@ _OPTIONAL_BN_KEY = "num_batches_tracked"
 IMAGENET_FILES = {18: "resnet18-f37072fd.pth", 34: "resnet34-b627a593.pth",
                   50: "resnet50-0676ba61.pth", 101: "resnet101-63fe2227.pth"}
 IMAGENET_URL = "https://download.pytorch.org/models/"
-# model.backbone.weights_path (--backbone_weights) that asks for a random frozen-BN body.
-RANDOM_WEIGHTS = "random"
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:

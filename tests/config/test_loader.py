@@ -134,3 +134,12 @@ def test_unknown_names_and_loops(tmp_path):
     loop.write_text('base: "loop.pbtxt"\n')
     with pytest.raises(ConfigError, match="loops back"):
         load_config(str(loop))
+
+
+def test_random_backbone_weights_fit_every_norm():
+    """If this fails, `--backbone_weights=random` (asking for no weights file) is refused for a
+    group-norm or trained batch-norm config with the message meant for a weights file."""
+    for norm in ("GROUP_NORM", "BATCH_NORM", "FROZEN_BN"):
+        config = load_config("shapes", [f"model {{ backbone {{ norm: {norm} weights_path: "
+                                        "'random' } }"])
+        assert config.model.backbone.weights_path == "random"
