@@ -28,7 +28,7 @@ flags.DEFINE_enum("format", "pt2", deploy.FORMATS, "pt2 (torch.export), aoti (AO
 flags.DEFINE_string("canvas", None, "HEIGHTxWIDTH the program takes (default: the config's "
                     "first canvas).")
 flags.DEFINE_integer("batch", 1, "Images per call of the program.", lower_bound=1)
-flags.DEFINE_string("output", None, "The file to write.")
+flags.DEFINE_string("output", None, "The file to write (aoti: ending in .pt2).")
 
 
 def main() -> None:
@@ -42,6 +42,9 @@ def main() -> None:
     first = config.data.canvas[0]
     canvas = deploy.parse_canvas(FLAGS.canvas) if FLAGS.canvas else (first.height, first.width)
     output = Path(FLAGS.output)
+    if FLAGS.format == "aoti" and output.suffix != ".pt2":
+        raise ConfigError(f"--output={output}: an aoti package's name must end in .pt2 "
+                          "(AOTInductor's rule)")
     if not output.parent.is_dir():
         raise ConfigError(f"--output={output}: no such folder {output.parent}")
     config = deploy.at_canvas(config, canvas)

@@ -114,7 +114,7 @@ def program(checkpoint):
 
 def _write(program, fmt, directory: Path) -> Path:
     exported, inputs, state = program
-    path = directory / f"model.{fmt}"
+    path = directory / {"pt2": "model.pt2", "aoti": "model-aoti.pt2", "onnx": "model.onnx"}[fmt]
     deploy.save(exported, fmt, path, inputs)
     info = deploy.metadata(deploy.at_canvas(config(), CANVAS), fmt, BATCH, "cpu",
                            state["category_ids"], state["class_names"])
@@ -241,12 +241,13 @@ def test_command_and_predict_from_the_exported_file(checkpoint, image_paths, cac
 @pytest.mark.parametrize("module, flags, message", [
     ("maskrcnn.export", ["--format=pt2", "--output=/tmp/x.pt2"], "--checkpoint is required"),
     ("maskrcnn.export", ["--canvas=100x7"], "--canvas=100x7: height and width must be"),
+    ("maskrcnn.export", ["--format=aoti", "--output=/tmp/x.so"], "--output=/tmp/x.so: an aoti"),
     ("maskrcnn.predict", ["--model=/nonexistent.pt2", "--input=/"], "/nonexistent.pt2.json"),
 ])
 def test_bad_input_is_one_line(checkpoint, cache, module, flags, message):
     """If this fails, a bad flag of export or predict --model ends in a traceback or a
     message that does not name the culprit."""
-    if module == "maskrcnn.export" and "--canvas" in flags[0]:
+    if module == "maskrcnn.export" and "--checkpoint is required" not in message:
         flags = [f"--checkpoint={checkpoint}", "--output=/tmp/x.pt2", *flags]
     result = run_module(module, *flags, cache_dir=cache)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
