@@ -160,6 +160,29 @@ def test_program_names_no_op_of_ours(program):
         (torch.uint8, (BATCH, 3, *CANVAS)), (torch.int64, (BATCH, 2))]
 
 
+def test_graph_does_not_grow_with_the_nms_candidates(checkpoint):
+    """If this fails, the exported NMS unrolls into steps per candidate again (the "torch"
+    loop traced as is): at COCO sizes (1000 RPN candidates per level, 5000 detection
+    candidates) the graph would hold tens of thousands of nodes, and export and AOTInductor
+    compilation would take hours. Two exports whose candidate counts differ tenfold must have
+    about the same number of nodes (levels with fewer anchors than the top-k are padded by
+    a node or two; an unrolled loop adds several nodes per candidate), and NMS must be a
+    while_loop."""
+    state = ckpt.load(checkpoint)
+    sizes = {}
+    for topk in (20, 200):
+        at = deploy.at_canvas(config(), CANVAS)
+        at.model.rpn.pre_nms_topk_test = topk
+        model = build_model(at, Runtime.gpu_path())
+        model.load_state_dict(state["model"])
+        exported = deploy.export_program(model, deploy.example_inputs(at, CANVAS, 1,
+                                                                      torch.device("cpu")))
+        sizes[topk] = len(exported.graph.nodes)
+        targets = [str(node.target) for node in exported.graph.nodes]
+        assert targets.count("while_loop") == 2, targets  # the RPN's and the detections'
+    assert abs(sizes[20] - sizes[200]) < 10, sizes
+
+
 @pytest.fixture(scope="module")
 def run_exported(program, image_paths, tmp_path_factory):
     """fmt -> the loader's outputs for the program written in that format (once each)."""

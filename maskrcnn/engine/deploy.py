@@ -10,12 +10,14 @@ canvas, and returns, as the eval-mode model does:
     boxes float32[N, D, 4] (x1, y1, x2, y2) in canvas pixels, scores float32[N, D],
     classes int64[N, D] in 1..K (0 in empty slots), valid bool[N, D] (the valid ones first,
     by descending score), masks float32[N, D, M, M] box-local probabilities.
-It is traced along a GPU's code path (Runtime.gpu_path: static sizes, the PyTorch NMS loop,
-the gather ROIAlign) on either device, and our `torch.library` ops are traced through
-(`inline_ops`), so that the file names no operator of ours. Pasting the box-local masks at an
-image's own resolution needs that resolution, which differs per image, so it stays out of the
-program: `write_helper` writes a torch-only module beside the file (paste_masks.py) made of
-our op's own source.
+It is traced along a GPU's code path (Runtime.gpu_path: static sizes, NMS without host
+reads, the gather ROIAlign) on either device, and our `torch.library` ops are traced through
+(`_InlineOps`), so that the file names no operator of ours. NMS is traced as the "loop"
+method (ops/nms.py: one `while_loop`, the same kept boxes as the "torch" method that the
+model was built with), whose graph does not grow with the candidate count. Pasting the
+box-local masks at an image's own resolution needs that resolution, which differs per image,
+so it stays out of the program: `write_helper` writes a torch-only module beside the file
+(paste_masks.py) made of our op's own source.
 """
 
 import inspect
@@ -40,6 +42,9 @@ FORMATS = ("pt2", "aoti", "onnx")
 OUTPUTS = ("boxes", "scores", "classes", "valid", "masks")
 # The ops the inference path calls, each replaced by its Python definition while tracing.
 INLINED = (batched_nms_fixed, _generate_proposals, roi_align_levels)
+# Inductor settings of an aoti package with freeze=True: parameters become constants, so
+# that convolutions get their weights pre-packed for oneDNN (CPU) and constants are folded.
+FREEZING = {"freezing": True}
 HELPER = "paste_masks.py"  # the torch-only module written beside every exported file
 # ONNX opset of the export (torch.onnx's default in torch 2.14; onnxruntime 1.32 runs it).
 ONNX_OPSET = 18
@@ -68,6 +73,7 @@ class _InlineOps(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.table = {op._opoverload: op._init_fn for op in INLINED}
+        self.table[batched_nms_fixed._opoverload] = _nms_as_loop
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         definition = self.table.get(func)
@@ -75,6 +81,14 @@ class _InlineOps(TorchFunctionMode):
             return func(*args, **(kwargs or {}))
         with self:  # the definition may call another inlined op (proposals -> NMS)
             return definition(*args, **(kwargs or {}))
+
+
+def _nms_as_loop(boxes, scores, valid, groups, iou_threshold, max_out, method):
+    """batched_nms_fixed as traced: its "loop" method in place of the "torch" loop (the same
+    kept boxes, tests/ops/test_nms.py), which would unroll into one step per candidate."""
+    method = "loop" if method == "torch" else method
+    return batched_nms_fixed._init_fn(boxes, scores, valid, groups, iou_threshold, max_out,
+                                      method)
 
 
 def example_inputs(config: Config, canvas: tuple[int, int], batch: int,
@@ -87,10 +101,13 @@ def example_inputs(config: Config, canvas: tuple[int, int], batch: int,
     return images, torch.tensor([size] * batch, dtype=torch.int64, device=device)
 
 
-def export_program(model: MaskRCNN, inputs: tuple[torch.Tensor, torch.Tensor]):
+def export_program(model: MaskRCNN, inputs: tuple[torch.Tensor, torch.Tensor],
+                   autocast: torch.dtype | None = None):
     """torch.export's ExportedProgram of InferenceProgram(model) at the inputs' shapes, with
-    our ops traced through (no `maskrcnn::` operator left in it)."""
-    with torch.no_grad(), _InlineOps():
+    our ops traced through (no `maskrcnn::` operator left in it); under CPU autocast to
+    `autocast` (torch.bfloat16) when given, the casts recorded in the program."""
+    with (torch.no_grad(), torch.autocast("cpu", dtype=autocast, enabled=autocast is not None),
+          _InlineOps()):
         program = torch.export.export(InferenceProgram(model), inputs, strict=False)
     left = {str(node.target) for node in program.graph.nodes
             if str(node.target).startswith("maskrcnn.")}
@@ -115,12 +132,15 @@ def _onnx_sort_stable(self, stable=None, dim: int = -1, descending: bool = False
     return (values if keys is self else op.Cast(values, to=dtype)), indices
 
 
-def save(program, fmt: str, path: Path, inputs: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """Writes the ExportedProgram in format `fmt` (one of FORMATS) to path."""
+def save(program, fmt: str, path: Path, inputs: tuple[torch.Tensor, torch.Tensor],
+         freeze: bool = False) -> None:
+    """Writes the ExportedProgram in format `fmt` (one of FORMATS) to path; an aoti package
+    compiled with FREEZING where `freeze`."""
     if fmt == "pt2":
         torch.export.save(program, path)
     elif fmt == "aoti":
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                 inductor_configs=FREEZING if freeze else None)
     elif fmt == "onnx":
         onnx_program = torch.onnx.export(
             program, inputs, dynamo=True, opset_version=ONNX_OPSET,
@@ -218,6 +238,32 @@ def parse_canvas(text: str) -> tuple[int, int]:
     return height, width
 
 
+def load_program(path: Path, fmt: str, threads: int | None = None):
+    """The program in `path` as a function (images, image_sizes) -> the tuple OUTPUTS of CPU
+    tensors (or of the device's, pt2 and aoti). ONNX runs in onnxruntime's CPU provider with
+    every graph optimisation and `threads` intra-op threads (default: onnxruntime's choice)."""
+    if fmt == "pt2":
+        module = torch.export.load(str(path)).module()
+        return lambda images, image_sizes: tuple(module(images, image_sizes))
+    if fmt == "aoti":
+        runner = torch._inductor.aoti_load_package(str(path))
+        return lambda images, image_sizes: tuple(runner(images, image_sizes))
+    import onnxruntime  # noqa: PLC0415 (optional: pip install maskrcnn[export])
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(path), options,
+                                           providers=["CPUExecutionProvider"])
+
+    def run(images: torch.Tensor, image_sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = session.run(None, {"images": images.cpu().numpy(),
+                                 "image_sizes": image_sizes.cpu().numpy()})
+        return tuple(torch.from_numpy(o) for o in out)
+
+    return run
+
+
 class ExportedModel(nn.Module):
     """An exported file called as the eval-mode model: (images, image_sizes) -> detections
     dict, for any number of images on the program's canvas (padded to its batch, split into
@@ -233,14 +279,7 @@ class ExportedModel(nn.Module):
                               f"program by maskrcnn-export): {error}") from None
         fmt = self.info["format"]
         try:
-            if fmt == "pt2":
-                self.program = torch.export.load(str(path)).module()
-            elif fmt == "aoti":
-                self.program = torch._inductor.aoti_load_package(str(path))
-            else:
-                import onnxruntime  # noqa: PLC0415 (optional: pip install maskrcnn[export])
-                self.session = onnxruntime.InferenceSession(
-                    str(path), providers=["CPUExecutionProvider"])
+            self.program = load_program(path, fmt)
         except (OSError, RuntimeError, ValueError) as error:
             raise ConfigError(f"--model={path}: cannot load the {fmt} program: "
                               f"{str(error).splitlines()[0]}") from None
@@ -250,13 +289,6 @@ class ExportedModel(nn.Module):
         """Only the flag: the program is inference alone (and torch.export's refuses train)."""
         self.training = mode
         return self
-
-    def _run(self, images: torch.Tensor, image_sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.info["format"] == "onnx":
-            out = self.session.run(None, {"images": images.cpu().numpy(),
-                                          "image_sizes": image_sizes.cpu().numpy()})
-            return tuple(torch.from_numpy(o) for o in out)
-        return tuple(self.program(images, image_sizes))
 
     def forward(self, images: torch.Tensor, image_sizes: torch.Tensor) -> dict:
         if list(images.shape[-2:]) != self.info["canvas"]:
@@ -269,6 +301,6 @@ class ExportedModel(nn.Module):
             missing = self.batch - part.shape[0]  # padded with copies of the first image
             part = torch.cat([part, part[:1].expand(missing, -1, -1, -1)])
             sizes = torch.cat([sizes, sizes[:1].expand(missing, -1)])
-            chunks.append([o[:self.batch - missing] for o in self._run(part, sizes)])
+            chunks.append([o[:self.batch - missing] for o in self.program(part, sizes)])
         return {name: torch.cat([c[i] for c in chunks]).to(images.device)
                 for i, name in enumerate(OUTPUTS)}

@@ -8,7 +8,7 @@ suppressed by a kept box of the same group with IoU > iou_threshold, boxes are v
 descending score and among equal scores the lower index goes first.
 
 Four ways to compute it (`method`, runtime.NMS_METHODS: the Runtime chooses one per device
-and checks its name), with the same results:
+and checks its name), and a fifth for export, with the same results:
 - "triton" (the GPU default): rows ranked with two stable sorts on the device, then one
   Triton kernel walks each row greedily (ops/nms_triton.py). No host synchronisation.
 - "torch" (the GPU default where Triton is absent, and the kernel's reference): the same
@@ -24,8 +24,16 @@ and checks its name), with the same results:
   coordinates to 1/8 px). On CUDA it synchronises several times (`nonzero`, `unique`, the
   mask torchvision's kernel copies to the host); it was the GPU path before "triton" and is
   kept as the baseline the GPU benchmark compares with.
-In the last two the candidates are ranked once by (score descending, index ascending) and
-`nms` gets that rank as its score, so ties break the same way whatever sort torchvision uses.
+- "loop" (what maskrcnn-export traces in place of "torch", engine/deploy.py): the same
+  ranking, then one `while_loop` (a higher-order op that torch.export, AOTInductor and ONNX
+  keep as one loop) whose body keeps the first unremoved rank of every row and removes the
+  boxes it suppresses, IoUs computed against that box only. The graph is the same size
+  whatever K (the "torch" loop unrolls into K steps when traced: ~5000 x 5 nodes at COCO
+  sizes), it stops after the most boxes any row keeps (at most O) and needs no [B, K, K]
+  matrix. Not a runtime choice (runtime.NMS_METHODS): export selects it.
+In "per_cell" and "shifted" the candidates are ranked once by (score descending, index
+ascending) and `nms` gets that rank as its score, so ties break the same way whatever sort
+torchvision uses.
 
 IoUs are computed in float32 at least (float64 boxes stay float64, except in the kernel, which is
 float32): float16 boxes of a few hundred pixels have areas past float16's largest value (65504),
@@ -37,10 +45,11 @@ break.
 """
 
 import torch
+from torch._higher_order_ops.while_loop import while_loop_op
 from torchvision.ops import nms
 
 # The methods with static shapes and no host synchronisation.
-STATIC_METHODS = ("triton", "torch")
+STATIC_METHODS = ("triton", "torch", "loop")
 # Rows of the [B, K, K] suppression matrix of the "torch" method computed at once (bounds the
 # float32 IoU temporary to B x CHUNK x K).
 IOU_CHUNK = 512
@@ -59,7 +68,7 @@ def batched_nms_fixed(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Te
         groups: int64[B, K]; boxes only suppress boxes of the same group (class, FPN level).
         iou_threshold: IoU above which the lower-scoring box is suppressed.
         max_out: O.
-        method: "triton", "torch", "per_cell" or "shifted" (see the module docstring).
+        method: "triton", "torch", "per_cell", "shifted" or "loop" (module docstring).
 
     Returns:
         indices int64[B, O] into K of the kept boxes, by descending score, and keep bool[B, O];
@@ -99,7 +108,7 @@ def batched_nms_fixed(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Te
 def _nms_static(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
                 groups: torch.Tensor, iou_threshold: float, max_out: int,
                 method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`batched_nms_fixed` with static shapes only (methods "triton" and "torch")."""
+    """`batched_nms_fixed` with static shapes only (methods "triton", "torch", "loop")."""
     b, k = scores.shape
     # Rank each row: valid first, then by score descending, the lower index first among
     # equals (two stable sorts; the second only moves valid -inf scores ahead of invalid ones).
@@ -114,6 +123,9 @@ def _nms_static(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
         from maskrcnn.ops.nms_triton import greedy_nms_triton  # noqa: PLC0415 (needs Triton)
         kept = greedy_nms_triton(ranked_boxes, ranked_groups, ranked_valid.sum(1),
                                  iou_threshold, max_out)
+    elif method == "loop":
+        kept = _greedy_while_loop(ranked_boxes, ranked_groups, ranked_valid, iou_threshold,
+                                  max_out)
     else:
         kept = _greedy_torch(ranked_boxes, ranked_groups, ranked_valid, iou_threshold)
     # The first max_out kept ranks of each row go to slots 0, 1, ...; the others to a spare
@@ -158,6 +170,53 @@ def _greedy_torch(boxes: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor
         keeps = ~removed[:, i]
         kept[:, i] = keeps
         removed = removed | (keeps[:, None] & suppresses[:, i])
+    return kept
+
+
+def _greedy_while_loop(boxes: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor,
+                       iou_threshold: float, max_out: int) -> torch.Tensor:
+    """Greedy NMS of rank-ordered rows as one `while_loop`: boxes float[B, K, 4], groups
+    int[B, K], valid bool[B, K] -> kept bool[B, K] (at most max_out per row, the first ones).
+
+    Each step keeps, in every row that has one and has kept fewer than max_out, the first
+    rank not yet removed: the ranks before it are all kept or removed, so it is the box
+    greedy NMS visits next and keeps. It then removes itself and every box of its group whose
+    IoU with it is above the threshold (torchvision's formula, as _greedy_torch; boxes before
+    it are already kept or removed, so removing them again changes nothing). Memory: a few
+    [B, K] tensors; work: B x K per step, steps = the most boxes a row keeps."""
+    b, k, _ = boxes.shape
+    boxes = _at_least_float32(boxes)
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])  # (B, K)
+    rank = torch.arange(k, device=boxes.device)
+
+    def pending(removed, kept, count, boxes, area, groups, rank):
+        # (B,) rows with a rank left and room for it
+        return (~removed).any(1) & (count < max_out)
+
+    def more(removed, kept, count, boxes, area, groups, rank):
+        return pending(removed, kept, count, boxes, area, groups, rank).any()
+
+    def step(removed, kept, count, boxes, area, groups, rank):
+        active = pending(removed, kept, count, boxes, area, groups, rank)  # (B,)
+        # (B,) the first rank not removed (K where none; clamped, unused then)
+        first = torch.where(removed, k, rank).amin(1).clamp(max=k - 1)
+        box = boxes.gather(1, first[:, None, None].expand(-1, 1, 4))  # (B, 1, 4)
+        w = (torch.minimum(box[..., 2], boxes[..., 2])
+             - torch.maximum(box[..., 0], boxes[..., 0])).clamp(0)  # (B, K)
+        h = (torch.minimum(box[..., 3], boxes[..., 3])
+             - torch.maximum(box[..., 1], boxes[..., 1])).clamp(0)
+        inter = w * h
+        iou = inter / (area.gather(1, first[:, None]) + area - inter)  # 0 / 0: NaN, not above
+        same = groups == groups.gather(1, first[:, None])
+        picked = (rank == first[:, None]) & active[:, None]  # (B, K) one-hot, or none
+        removed = removed | picked | ((iou > iou_threshold) & same & active[:, None])
+        return removed, kept | picked, count + active.long()
+
+    if b * k == 0 or max_out == 0:
+        return torch.zeros(b, k, dtype=torch.bool, device=boxes.device)
+    count = torch.zeros(b, dtype=torch.int64, device=boxes.device)
+    _, kept, _ = while_loop_op(more, step, (~valid, torch.zeros_like(valid), count),
+                               (boxes, area, groups, rank))
     return kept
 
 

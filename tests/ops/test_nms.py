@@ -12,10 +12,11 @@ from maskrcnn.runtime import NMS_METHODS
 from tests.triton_compile import compile_for_gpu
 
 
-@pytest.fixture(params=NMS_METHODS)
+@pytest.fixture(params=[*NMS_METHODS, "loop"])
 def method(request):
     """Every test runs every method: the Triton kernel (interpreted on a CPU), the static
-    PyTorch loop, torchvision per (row, group) cell and torchvision once with shifted boxes."""
+    PyTorch loop, torchvision per (row, group) cell, torchvision once with shifted boxes, and
+    the export's while_loop."""
     return request.param
 
 
