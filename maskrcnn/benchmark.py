@@ -12,6 +12,11 @@ and targets, and the ratios; the two sides' timed steps take turns (ours, torchv
 (--breakdown) and op micro-benchmarks against torchvision.ops at the step's sizes (--ops).
 --json_out writes the whole report as JSON.
 
+`--inference_formats=eager,pt2,aoti,onnx` times inference alone on the CPU instead
+(maskrcnn/bench/inference.py): our eager model, the programs `maskrcnn-export` writes in each
+format, and torchvision's eager model, in turn on the same uint8 batch: images/s, peak memory,
+the ratios to torchvision, and where a call's time goes (backbone + FPN against the rest).
+
 `--loader` times the input pipeline instead, without the model (maskrcnn/bench/loader.py): on
 the config's training images (--data_dir, or --train_json and --train_images), images/s of each
 stage, of whole samples in one process, and of the training DataLoader with each of
@@ -32,6 +37,12 @@ import torchvision
 from absl import flags
 
 from maskrcnn.bench.breakdown import breakdown, matrix_times
+from maskrcnn.bench.inference import (
+    PRECISIONS,
+    SIDES,
+    format_inference_report,
+    run_inference_benchmark,
+)
 from maskrcnn.bench.loader import format_loader_report, run_loader_benchmark
 from maskrcnn.bench.measure import (
     PeakMemory,
@@ -79,6 +90,15 @@ flags.DEFINE_list("loader_workers", ["1", "2"], "With --loader: the DataLoader w
                   "to time; the first one's per-worker rate sizes --gpu_images_per_s.")
 flags.DEFINE_float("gpu_images_per_s", 185.0, "With --loader: the images/s one GPU's training "
                    "step consumes, to state the workers it needs.")
+flags.DEFINE_list("inference_formats", [], "Time CPU inference alone instead, side by side "
+                  f"with torchvision's eager model: any of {', '.join(SIDES)} (ours eager, "
+                  "and maskrcnn-export's programs).")
+flags.DEFINE_enum("inference_precision", "fp32", list(PRECISIONS), "With --inference_formats: "
+                  "fp32, or bf16 (CPU autocast on every side, traced into the programs).")
+flags.DEFINE_bool("aoti_freezing", True, "With --inference_formats: compile the aoti package "
+                  "with inductor's freezing (weights as constants, pre-packed for oneDNN).")
+flags.DEFINE_bool("inference_profile", True, "With --inference_formats: also time each "
+                  "side's backbone + FPN alone (a program of it for each format).")
 
 # Training steps profiled for the breakdown (at most --steps).
 PROFILE_STEPS = 3
@@ -416,6 +436,14 @@ def main() -> None:
             workers=[int(w) for w in FLAGS.loader_workers],
             gpu_images_per_s=FLAGS.gpu_images_per_s)}
         print(format_loader_report(report), flush=True)
+    elif FLAGS.inference_formats:
+        if device.type != "cpu":
+            raise ConfigError(f"--inference_formats: times the CPU only (--device="
+                              f"{FLAGS.device})")
+        report = run_inference_benchmark(config, FLAGS.inference_formats, FLAGS.steps,
+                                         FLAGS.warmup, FLAGS.inference_precision,
+                                         FLAGS.aoti_freezing, FLAGS.inference_profile)
+        print(format_inference_report(report), flush=True)
     else:
         report = run_benchmark(config, device)
         print(format_report(report), flush=True)

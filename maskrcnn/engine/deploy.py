@@ -20,6 +20,7 @@ so it stays out of the program: `write_helper` writes a torch-only module beside
 (paste_masks.py) made of our op's own source.
 """
 
+import contextlib
 import inspect
 import json
 import textwrap
@@ -52,18 +53,24 @@ ONNX_OPSET = 18
 
 class InferenceProgram(nn.Module):
     """The eval-mode model as a function of tensors only: (images, image_sizes) -> the tuple
-    OUTPUTS (module docstring). The model must be built with a static Runtime."""
+    OUTPUTS (module docstring). The model must be built with a static Runtime. With
+    `autocast` (torch.bfloat16), the forward runs under CPU autocast to that type (inside the
+    forward, so that torch.export records it)."""
 
-    def __init__(self, model: MaskRCNN):
+    def __init__(self, model: MaskRCNN, autocast: torch.dtype | None = None):
         super().__init__()
         if model.runtime.trim_slots or model.runtime.nms not in ("torch",):
             raise ValueError("export needs the static, sync-free path: build the model with "
                              "Runtime.gpu_path()")
         self.model = model.eval()
+        self.autocast = autocast
 
     def forward(self, images: torch.Tensor,
                 image_sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        detections = self.model(images, image_sizes)
+        # No autocast region at all in float32: torch.export would record a disabled one.
+        with (torch.autocast("cpu", dtype=self.autocast) if self.autocast is not None
+              else contextlib.nullcontext()):
+            detections = self.model(images, image_sizes)
         return tuple(detections[name] for name in OUTPUTS)
 
 
@@ -103,12 +110,13 @@ def example_inputs(config: Config, canvas: tuple[int, int], batch: int,
 
 def export_program(model: MaskRCNN, inputs: tuple[torch.Tensor, torch.Tensor],
                    autocast: torch.dtype | None = None):
-    """torch.export's ExportedProgram of InferenceProgram(model) at the inputs' shapes, with
-    our ops traced through (no `maskrcnn::` operator left in it); under CPU autocast to
-    `autocast` (torch.bfloat16) when given, the casts recorded in the program."""
-    with (torch.no_grad(), torch.autocast("cpu", dtype=autocast, enabled=autocast is not None),
-          _InlineOps()):
-        program = torch.export.export(InferenceProgram(model), inputs, strict=False)
+    """torch.export's ExportedProgram of InferenceProgram(model, autocast) at the inputs'
+    shapes, with our ops traced through (no `maskrcnn::` operator left in it); with autocast
+    (torch.bfloat16), its casts are explicit ops of the program."""
+    with torch.no_grad(), _InlineOps():
+        program = torch.export.export(InferenceProgram(model, autocast), inputs, strict=False)
+    if autocast is not None:
+        program = program.run_decompositions()  # the autocast region as explicit casts
     left = {str(node.target) for node in program.graph.nodes
             if str(node.target).startswith("maskrcnn.")}
     if left:
