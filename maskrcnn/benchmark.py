@@ -97,6 +97,8 @@ flags.DEFINE_enum("inference_precision", "fp32", list(PRECISIONS), "With --infer
                   "fp32, or bf16 (CPU autocast on every side, traced into the programs).")
 flags.DEFINE_bool("aoti_freezing", True, "With --inference_formats: compile the aoti package "
                   "with inductor's freezing (weights as constants, pre-packed for oneDNN).")
+flags.DEFINE_bool("export_trim_masks", False, "With --inference_formats: export with "
+                  "maskrcnn-export --trim_masks (the mask head on the used detection slots).")
 flags.DEFINE_bool("inference_profile", True, "With --inference_formats: also time each "
                   "side's backbone + FPN alone (a program of it for each format).")
 
@@ -442,7 +444,8 @@ def main() -> None:
                               f"{FLAGS.device})")
         report = run_inference_benchmark(config, FLAGS.inference_formats, FLAGS.steps,
                                          FLAGS.warmup, FLAGS.inference_precision,
-                                         FLAGS.aoti_freezing, FLAGS.inference_profile)
+                                         FLAGS.aoti_freezing, FLAGS.inference_profile,
+                                         FLAGS.export_trim_masks)
         print(format_inference_report(report), flush=True)
     else:
         report = run_benchmark(config, device)

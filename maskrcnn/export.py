@@ -21,7 +21,7 @@ from maskrcnn.config.flags import FLAGS, config_from_flags
 from maskrcnn.engine import checkpoint as ckpt
 from maskrcnn.engine import deploy
 from maskrcnn.model.maskrcnn import build_model
-from maskrcnn.runtime import Runtime, resolve_device
+from maskrcnn.runtime import resolve_device
 
 flags.DEFINE_enum("format", "pt2", deploy.FORMATS, "pt2 (torch.export), aoti (AOTInductor "
                   "package) or onnx.")
@@ -29,6 +29,9 @@ flags.DEFINE_string("canvas", None, "HEIGHTxWIDTH the program takes (default: th
                     "first canvas).")
 flags.DEFINE_integer("batch", 1, "Images per call of the program.", lower_bound=1)
 flags.DEFINE_string("output", None, "The file to write (aoti: ending in .pt2).")
+flags.DEFINE_bool("trim_masks", False, "Run the mask head on the detection slots up to the "
+                  "last one used in the batch, not on all D: faster on a CPU where images "
+                  "hold fewer detections; the program then has a data-dependent size.")
 
 
 def main() -> None:
@@ -48,7 +51,7 @@ def main() -> None:
     if not output.parent.is_dir():
         raise ConfigError(f"--output={output}: no such folder {output.parent}")
     config = deploy.at_canvas(config, canvas)
-    model = build_model(config, Runtime.gpu_path())
+    model = build_model(config, deploy.export_runtime(FLAGS.trim_masks))
     ckpt.load_model_state(model, state["model"], FLAGS.checkpoint)
     model.to(device)
     inputs = deploy.example_inputs(config, canvas, FLAGS.batch, device)

@@ -183,6 +183,45 @@ def test_graph_does_not_grow_with_the_nms_candidates(checkpoint):
     assert abs(sizes[20] - sizes[200]) < 10, sizes
 
 
+def test_trimmed_masks_program_equals_the_static_one(checkpoint, image_paths):
+    """If this fails, `--trim_masks` (the mask head on the used detection slots only, a
+    data-dependent size) changes the detections or masks, or cannot be exported: it must
+    give the static program's outputs, on images with detections and on blank ones."""
+    from PIL import Image  # noqa: PLC0415
+
+    state = ckpt.load(checkpoint)
+    at = deploy.at_canvas(config(), CANVAS)
+    helper = {}
+    exec(deploy.helper_source(), helper)  # noqa: S102 (our own generated module)
+    prepared = [helper["prepare"](np.asarray(Image.open(p).convert("RGB")), CANVAS,
+                                  at.data.short_side, at.data.max_long_side)
+                for p in image_paths]
+    images = torch.stack([image for image, _ in prepared])
+    sizes = torch.tensor([size for _, size in prepared])
+    programs = []
+    for trim in (False, True):
+        model = build_model(at, deploy.export_runtime(trim))
+        model.load_state_dict(state["model"])
+        exported = deploy.export_program(model, (images, sizes))
+        # The trimmed program reads its slot count from the data (one scalar read); the
+        # static one reads none.
+        reads = [n for n in exported.graph.nodes
+                 if str(n.target) in ("aten.item.default", "aten._local_scalar_dense.default")]
+        assert len(reads) == trim, reads
+        programs.append(exported.module())
+    most = []
+    for batch in (images, torch.zeros_like(images)):
+        static, trimmed = (dict(zip(deploy.OUTPUTS, program(batch, sizes), strict=True))
+                           for program in programs)
+        for name in deploy.OUTPUTS:
+            torch.testing.assert_close(trimmed[name], static[name], rtol=0, atol=1e-6)
+        most.append(int(static["valid"].sum(1).max()))
+    # Detections on both batches, fewer than D (so fewer slots ran), and not as many (two
+    # different trimmed sizes of the one program).
+    d = static["valid"].shape[1]
+    assert 0 < most[0] < d and 0 < most[1] < d and most[0] != most[1], most
+
+
 @pytest.fixture(scope="module")
 def run_exported(program, image_paths, tmp_path_factory):
     """fmt -> the loader's outputs for the program written in that format (once each)."""

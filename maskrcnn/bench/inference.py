@@ -134,11 +134,11 @@ class _Backbone(nn.Module):
 
 
 def _export(config: Config, state: dict, inputs: tuple[torch.Tensor, torch.Tensor],
-            formats: list[str], folder: Path, precision: str, freeze: bool,
-            profile: bool) -> dict:
+            formats: list[str], folder: Path, precision: str, freeze: bool, profile: bool,
+            trim_masks: bool) -> dict:
     """Traces the program (and the backbone's, with profile) once and writes each format:
     {format: (path, backbone path or None, {"trace_s", "write_s"})}."""
-    model = build_model(config, Runtime.gpu_path())
+    model = build_model(config, deploy.export_runtime(trim_masks))
     model.load_state_dict(state)
     model.eval()
     began = time.perf_counter()
@@ -235,7 +235,7 @@ def _torchvision_side(config: Config, images: list[torch.Tensor], precision: str
 
 def run_inference_benchmark(config: Config, sides: list[str], steps: int, warmup: int,
                             precision: str = "fp32", freeze: bool = True,
-                            profile: bool = True) -> dict:
+                            profile: bool = True, trim_masks: bool = False) -> dict:
     """The side-by-side inference report (module docstring) as JSON."""
     _check_sides(sides)
     if precision not in PRECISIONS:
@@ -253,13 +253,14 @@ def run_inference_benchmark(config: Config, sides: list[str], steps: int, warmup
                         "torch": torch.__version__, "torchvision": torchvision.__version__},
         "setup": {"canvas": [canvas.height, canvas.width], "images_per_call": len(batch),
                   "precision": precision, "channels_last_eager": config.run.channels_last,
-                  "aoti_freezing": freeze, "steps": steps, "warmup": warmup},
+                  "aoti_freezing": freeze, "trim_masks": trim_masks, "steps": steps,
+                  "warmup": warmup},
         "memory_kind": PeakMemory(CPU).kind,
     }
     programs = [s for s in sides if s != "eager"]
     with tempfile.TemporaryDirectory(prefix="maskrcnn-bench-") as folder:
         written = _export(config, state, (images, sizes), programs, Path(folder), precision,
-                          freeze, profile) if programs else {}
+                          freeze, profile, trim_masks) if programs else {}
         loaded = []
         for name in sides:
             if name == "eager":
@@ -321,7 +322,9 @@ def format_inference_report(report: dict) -> str:
         f"then {setup['steps']} timed calls per side, in turn; masks pasted at full size",
         f"eager: our model on the CPU's path (channels_last {setup['channels_last_eager']}); "
         f"pt2 / aoti / onnx: maskrcnn-export's program (aoti freezing "
-        f"{setup['aoti_freezing']}); torchvision: maskrcnn_resnet50_fpn-style eager model",
+        f"{setup['aoti_freezing']}, mask head on "
+        f"{'the used slots' if setup['trim_masks'] else 'all D slots'}); torchvision: its "
+        "eager model at equivalent settings",
         f"peak memory: {report['memory_kind']}, over loading and warm-up",
         "",
         f"  {'side':<13}{'images/s median (min..max)':>30}{'call ms':>11}{'peak MiB':>10}"

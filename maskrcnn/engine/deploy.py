@@ -21,6 +21,7 @@ so it stays out of the program: `write_helper` writes a torch-only module beside
 """
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import textwrap
@@ -38,6 +39,7 @@ from maskrcnn.ops import paste_masks as paste_module
 from maskrcnn.ops.nms import batched_nms_fixed
 from maskrcnn.ops.proposals import _generate_proposals
 from maskrcnn.ops.roi_align_gather import roi_align_levels
+from maskrcnn.runtime import Runtime
 
 FORMATS = ("pt2", "aoti", "onnx")
 OUTPUTS = ("boxes", "scores", "classes", "valid", "masks")
@@ -51,6 +53,29 @@ HELPER = "paste_masks.py"  # the torch-only module written beside every exported
 ONNX_OPSET = 18
 
 
+@dataclasses.dataclass(frozen=True)
+class _TrimmedMasks(Runtime):
+    """Runtime.gpu_path(), except that the mask head runs on the detection slots up to the last
+    one some image uses, as on a CPU (Runtime.slots): a size read from the data, which
+    torch.export keeps as an unbacked symbolic size (U in 1..D)."""
+
+    def slots(self, used: torch.Tensor) -> slice | torch.Tensor:
+        if used.dim() != 2:  # only the detections' bool[N, D] at inference
+            return super().slots(used)
+        position = torch.arange(1, used.shape[1] + 1, device=used.device)
+        last = (used.any(0) * position).max().item()
+        torch._check(last >= 0)
+        torch._check(last <= used.shape[1])
+        return slice(0, torch.sym_max(last, 1))
+
+
+def export_runtime(trim_masks: bool = False) -> Runtime:
+    """The Runtime to build an exported model with: the static path (Runtime.gpu_path), or
+    with trim_masks its mask head on the used detection slots only (a data-dependent size:
+    less work where images hold fewer than D detections, no longer one static shape)."""
+    return _TrimmedMasks(trim_slots=False, nms="torch") if trim_masks else Runtime.gpu_path()
+
+
 class InferenceProgram(nn.Module):
     """The eval-mode model as a function of tensors only: (images, image_sizes) -> the tuple
     OUTPUTS (module docstring). The model must be built with a static Runtime. With
@@ -61,7 +86,7 @@ class InferenceProgram(nn.Module):
         super().__init__()
         if model.runtime.trim_slots or model.runtime.nms not in ("torch",):
             raise ValueError("export needs the static, sync-free path: build the model with "
-                             "Runtime.gpu_path()")
+                             "export_runtime()")
         self.model = model.eval()
         self.autocast = autocast
 
