@@ -299,7 +299,7 @@ def _profile(sides: list[_Side], records: dict, steps: int, warmup: int) -> dict
     """Each side's backbone + FPN alone, timed in turn; the rest is the whole call less it."""
     timed = [side for side in sides if side.backbone is not None]
     for side in timed:
-        for _ in range(warmup):
+        for _ in range(max(warmup, 1)):  # a backbone program's first call is its first
             side.backbone()
     seconds = time_rounds([side.backbone for side in timed], CPU, steps)
     profile = {}
