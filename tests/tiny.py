@@ -12,7 +12,7 @@ TINY = [
     "rpn { batch_size_per_image: 64 pre_nms_topk_train: 200 post_nms_topk_train: 100 "
     "pre_nms_topk_test: 100 post_nms_topk_test: 50 } "
     "roi_heads { box_head_dim: 64 mask_head_channels: 16 batch_size_per_image: 32 "
-    "max_fg_masks_per_image: 8 detections_per_image: 20 } }",
+    "max_fg_masks_per_image: 8 detections_per_image: 20 head_group_norm: false } }",
     "data { synthetic { num_train: 16 num_val: 4 min_side: 96 max_side: 128 } short_side: 96 "
     "max_long_side: 128 canvas { height: 96 width: 128 } canvas { height: 128 width: 96 } "
     "max_instances: 8 gt_mask_size: 16 num_workers: 0 }",

@@ -119,8 +119,10 @@ class LearningRate:
 
 
 def _fused_on(params: list[torch.Tensor]) -> bool:
-    """Whether SGD.step uses torch's fused kernel for these parameters: on the CPU only."""
-    return bool(params) and params[0].device.type == "cpu"
+    """Whether SGD.step uses torch's fused kernel for these parameters: on the CPU only, and
+    not while torch.compile traces the step (the fused op has no fake kernel to trace; the
+    compiled foreach ops fuse anyway)."""
+    return bool(params) and params[0].device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 class SGD(torch.optim.SGD):

@@ -11,6 +11,7 @@ import maskrcnn
 from maskrcnn.bench.step import bench_step
 from maskrcnn.bench.synthetic import synthetic_batch
 from maskrcnn.config import load_config
+from maskrcnn.engine import solver
 from maskrcnn.engine.distributed import Process
 from maskrcnn.engine.step import LOSS_KEYS, TrainStep, model_inputs
 from maskrcnn.engine.trainer import Trainer
@@ -50,12 +51,15 @@ def _tiny_step(runtime: Runtime, *overrides: str) -> TrainStep:
 
 @pytest.mark.skipif(not hasattr(torch._dynamo.config, "trace_autograd_ops"),
                     reason="this torch's Dynamo cannot trace Tensor.backward (torch >= 2.14)")
-def test_whole_train_step_compiles_as_one_graph_and_matches_eager():
+def test_whole_train_step_compiles_as_one_graph_and_matches_eager(monkeypatch):
     """If this fails, something in the training step (forward, backward, clipping, the SGD
     update or the LR) breaks the graph: a host read, a Python float taken from a tensor, an
     optimizer step torch.compile cannot trace. Such a step could not be recorded as one CUDA
     graph either. The compiled steps must also train exactly as the eager ones: 3 steps,
     warmup and an LR decay included, the same losses, weights and LR."""
+    # The eager side takes the foreach SGD that a GPU runs and compiling traces, not the
+    # CPU's fused kernel (other rounding; tests/engine/test_solver.py checks both paths).
+    monkeypatch.setattr(solver, "_fused_on", lambda params: False)
     overrides = ("solver { grad_clip_norm: 1.0 warmup_steps: 2 lr_decay_epochs: [1] "
                  "images_per_epoch: 4 }",)
     eager, compiled = (_tiny_step(Runtime.gpu_path(), *overrides) for _ in range(2))

@@ -26,7 +26,8 @@ def _config():
         "data { canvas { height: 128 width: 160 } short_side: 128 max_long_side: 160 "
         "max_instances: 4 gt_mask_size: 16 }",
         "model { fpn_channels: 32 roi_heads { box_head_dim: 64 mask_head_channels: 16 "
-        "batch_size_per_image: 64 max_fg_masks_per_image: 16 detections_per_image: 50 } "
+        "batch_size_per_image: 64 max_fg_masks_per_image: 16 detections_per_image: 50 "
+        "head_group_norm: false } "
         "rpn { pre_nms_topk_train: 200 post_nms_topk_train: 100 pre_nms_topk_test: 100 "
         "post_nms_topk_test: 50 } }",
     ])
