@@ -56,7 +56,7 @@ def main() -> None:
     model.to(device)
     inputs = deploy.example_inputs(config, canvas, FLAGS.batch, device)
     began = time.perf_counter()
-    program = deploy.export_program(model, inputs)
+    program = deploy.export_program(model, inputs, onnx=FLAGS.format == "onnx")
     deploy.save(program, FLAGS.format, output, inputs)
     info = deploy.metadata(config, FLAGS.format, FLAGS.batch, device.type,
                            state["category_ids"], state["class_names"])

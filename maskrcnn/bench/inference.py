@@ -82,6 +82,13 @@ def _pasted(boxes: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, h: in
     return paste_masks(masks[:, used].float(), boxes[:, used].float(), h, w)
 
 
+def _timed(call: Callable[[], object]) -> tuple[object, float]:
+    """call()'s result and its seconds (the first call of a side: a warm-up)."""
+    began = time.perf_counter()
+    out = call()
+    return out, time.perf_counter() - began
+
+
 def _check_sides(sides: list[str]) -> None:
     unknown = [s for s in sides if s not in SIDES]
     if unknown or not sides or len(set(sides)) != len(sides):
@@ -116,8 +123,9 @@ def _eager_side(config: Config, state: dict, images: torch.Tensor, sizes: torch.
             with _autocast(precision):
                 return model.backbone(model.normalize(images, sizes))
 
-        first = call()
-    return _Side("eager", call, _our_detections(first), memory, backbone)
+        first, first_s = _timed(call)
+    return _Side("eager", call, _our_detections(first), memory, backbone,
+                 {"first_call_s": first_s})
 
 
 class _Backbone(nn.Module):
@@ -141,9 +149,11 @@ def _export(config: Config, state: dict, inputs: tuple[torch.Tensor, torch.Tenso
     model = build_model(config, deploy.export_runtime(trim_masks))
     model.load_state_dict(state)
     model.eval()
-    began = time.perf_counter()
-    program = deploy.export_program(model, inputs, PRECISIONS[precision])
-    trace_s = time.perf_counter() - began
+    traced = {}  # ONNX's program traces ROIAlign otherwise (deploy._roi_align_by_gathers)
+    for onnx in sorted({fmt == "onnx" for fmt in formats}):
+        began = time.perf_counter()
+        traced[onnx] = (deploy.export_program(model, inputs, PRECISIONS[precision], onnx),
+                        time.perf_counter() - began)
     backbone = None
     if profile:
         with torch.no_grad():
@@ -153,6 +163,7 @@ def _export(config: Config, state: dict, inputs: tuple[torch.Tensor, torch.Tenso
     for fmt in formats:
         suffix = ".onnx" if fmt == "onnx" else ".pt2"
         path = folder / f"model-{fmt}{suffix}"
+        program, trace_s = traced[fmt == "onnx"]
         began = time.perf_counter()
         deploy.save(program, fmt, path, inputs, freeze=freeze)
         write_s = time.perf_counter() - began
@@ -191,13 +202,15 @@ def _program_side(fmt: str, path: Path, backbone_path: Path | None, setup_s: dic
             out["masks"] = _pasted(out["boxes"], out["masks"], out["valid"], h, w)
             return out
 
-        first = call()
+        first, first_s = _timed(call)
+        setup_s["first_call_s"] = first_s
     backbone = None
     if backbone_path is not None:
         if fmt == "onnx":  # its outputs are the five levels, not the OUTPUTS tuple
             import onnxruntime  # noqa: PLC0415 (optional dependency)
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = onnxruntime.InferenceSession(str(backbone_path), options,
                                                    providers=["CPUExecutionProvider"])
             feeds = {"images": images.numpy(), "image_sizes": sizes.numpy()}
@@ -228,9 +241,9 @@ def _torchvision_side(config: Config, images: list[torch.Tensor], precision: str
             with _autocast(precision):
                 return model.backbone(model.transform(images)[0].tensors)
 
-        first = call()
+        first, first_s = _timed(call)
     return _Side("torchvision", call, sum(len(d["boxes"]) for d in first) / len(first),
-                 memory, backbone)
+                 memory, backbone, {"first_call_s": first_s})
 
 
 def run_inference_benchmark(config: Config, sides: list[str], steps: int, warmup: int,
@@ -267,7 +280,8 @@ def run_inference_benchmark(config: Config, sides: list[str], steps: int, warmup
                 loaded.append(_eager_side(config, state, images, sizes, precision))
             else:
                 loaded.append(_program_side(name, *written[name], images, sizes))
-            print(f"  {name}: loaded", file=sys.stderr, flush=True)
+            print(f"  {name}: loaded, first call {loaded[-1].setup_s['first_call_s']:.1f} s",
+                  file=sys.stderr, flush=True)
         loaded.append(_torchvision_side(config, tv_images, precision))
         report["sides"] = _time_sides(loaded, steps, warmup, len(batch))
         if profile:

@@ -38,7 +38,7 @@ from maskrcnn.model.maskrcnn import MaskRCNN
 from maskrcnn.ops import paste_masks as paste_module
 from maskrcnn.ops.nms import batched_nms_fixed
 from maskrcnn.ops.proposals import _generate_proposals
-from maskrcnn.ops.roi_align_gather import roi_align_levels
+from maskrcnn.ops.roi_align_gather import _bilinear_taps, roi_align_levels
 from maskrcnn.runtime import Runtime
 
 FORMATS = ("pt2", "aoti", "onnx")
@@ -102,10 +102,12 @@ class InferenceProgram(nn.Module):
 class _InlineOps(TorchFunctionMode):
     """Calls each op of INLINED as its Python definition, so tracing records aten ops only."""
 
-    def __init__(self):
+    def __init__(self, onnx: bool = False):
         super().__init__()
         self.table = {op._opoverload: op._init_fn for op in INLINED}
         self.table[batched_nms_fixed._opoverload] = _nms_as_loop
+        if onnx:
+            self.table[roi_align_levels._opoverload] = _roi_align_by_gathers
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         definition = self.table.get(func)
@@ -123,6 +125,28 @@ def _nms_as_loop(boxes, scores, valid, groups, iou_threshold, max_out, method):
                                       method)
 
 
+def _roi_align_by_gathers(features, rois, levels, output_size, spatial_scales, sampling_ratio,
+                          aligned):
+    """roi_align_levels as traced for ONNX: the op's own taps (ops/roi_align_gather.py), the K
+    weighted taps of each bin summed one tap at a time (K gathers of [R*P*P, C] rows). The
+    op's embedding_bag has no direct ONNX translation: torch.onnx writes a Loop over the bags
+    that inserts into a sequence (seconds per call at the `shapes` size, quadratic)."""
+    n, c = features[0].shape[:2]
+    r, p = rois.shape[0], output_size
+    # (N, C, H_l, W_l) per level -> (T + 1, C) channels-last rows, the last one zero.
+    table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, c) for f in features]
+                      + [features[0].new_zeros(1, c)])
+    index, weight = _bilinear_taps(rois, levels, n, [f.shape[2] for f in features],
+                                   [f.shape[3] for f in features], spatial_scales, output_size,
+                                   sampling_ratio, aligned)  # (R*P*P, K) each
+    weight = weight.to(table.dtype)
+    pooled = table[index[:, 0]] * weight[:, :1]
+    for k in range(1, index.shape[1]):
+        pooled = pooled + table[index[:, k]] * weight[:, k:k + 1]
+    # (R*P*P, C) -> (R, C, P, P)
+    return pooled.view(r, p, p, c).permute(0, 3, 1, 2).contiguous()
+
+
 def example_inputs(config: Config, canvas: tuple[int, int], batch: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero images on the canvas, each of the largest size the config's resize gives there:
@@ -134,11 +158,12 @@ def example_inputs(config: Config, canvas: tuple[int, int], batch: int,
 
 
 def export_program(model: MaskRCNN, inputs: tuple[torch.Tensor, torch.Tensor],
-                   autocast: torch.dtype | None = None):
+                   autocast: torch.dtype | None = None, onnx: bool = False):
     """torch.export's ExportedProgram of InferenceProgram(model, autocast) at the inputs'
     shapes, with our ops traced through (no `maskrcnn::` operator left in it); with autocast
-    (torch.bfloat16), its casts are explicit ops of the program."""
-    with torch.no_grad(), _InlineOps():
+    (torch.bfloat16), its casts are explicit ops of the program. `onnx`: for the onnx format
+    (ROIAlign as row gathers, _roi_align_by_gathers)."""
+    with torch.no_grad(), _InlineOps(onnx):
         program = torch.export.export(InferenceProgram(model, autocast), inputs, strict=False)
     if autocast is not None:
         program = program.run_decompositions()  # the autocast region as explicit casts
@@ -274,7 +299,8 @@ def parse_canvas(text: str) -> tuple[int, int]:
 def load_program(path: Path, fmt: str, threads: int | None = None):
     """The program in `path` as a function (images, image_sizes) -> the tuple OUTPUTS of CPU
     tensors (or of the device's, pt2 and aoti). ONNX runs in onnxruntime's CPU provider with
-    every graph optimisation and `threads` intra-op threads (default: onnxruntime's choice)."""
+    every graph optimisation and, where given, `threads` intra-op threads that do not spin
+    (default: onnxruntime's choice)."""
     if fmt == "pt2":
         module = torch.export.load(str(path)).module()
         return lambda images, image_sizes: tuple(module(images, image_sizes))
@@ -286,6 +312,9 @@ def load_program(path: Path, fmt: str, threads: int | None = None):
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+        # Threads that sleep when idle: spinning ones take the cores from torch's threads
+        # running beside them (the benchmark's sides take turns in one process).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(str(path), options,
                                            providers=["CPUExecutionProvider"])
 
