@@ -99,10 +99,11 @@ def evaluate_checkpoint(process: distributed.Process) -> None:
                           autocast_dtype=autocast_dtype(config),
                           per_category=FLAGS.per_category, coco_eval=config.run.coco_eval,
                           log=say)
-    say(f"evaluating {FLAGS.checkpoint} (step {state['step']}) on {paths.val_json}"
-        + (f" with {process.world_size} processes" if process.world_size > 1 else ""))
-    # SIGTERM or SIGINT stops the evaluation before its next batch, with nothing written.
+    # SIGTERM or SIGINT stops the evaluation before its next batch, with nothing written;
+    # caught from before the line that says it has started.
     with StopSignals() as signals:
+        say(f"evaluating {FLAGS.checkpoint} (step {state['step']}) on {paths.val_json}"
+            + (f" with {process.world_size} processes" if process.world_size > 1 else ""))
         metrics = evaluator(stop=lambda: signals.received)
     say(f"box AP {metrics['bbox/AP']:.3f}, mask AP {metrics['segm/AP']:.3f}")
 
