@@ -20,8 +20,9 @@ autocast on every side with --inference_precision=bf16). Sides:
 
 Per side: images/s (median, min, max over the timed rounds), call time, peak memory (the
 process's resident memory above its level when the side began loading, over its loading and
-warm-up calls: weights, runtime workspaces and the largest call's activations), detections
-per image, and the ratio of its images/s to torchvision's. With --inference_profile, the
+first call: weights, runtime workspaces and a call's activations), the setup times (trace,
+write, load, first call), detections per image (of the first call), and the ratio of its
+images/s to torchvision's. With --inference_profile, the
 backbone + FPN alone of each side is timed the same way (a program of the backbone alone for
 each format): the rest of a call is the RPN, RoI heads, NMS and mask pasting.
 """
@@ -339,7 +340,7 @@ def format_inference_report(report: dict) -> str:
         f"{setup['aoti_freezing']}, mask head on "
         f"{'the used slots' if setup['trim_masks'] else 'all D slots'}); torchvision: its "
         "eager model at equivalent settings",
-        f"peak memory: {report['memory_kind']}, over loading and warm-up",
+        f"peak memory: {report['memory_kind']}, over loading and the first call",
         "",
         f"  {'side':<13}{'images/s median (min..max)':>30}{'call ms':>11}{'peak MiB':>10}"
         f"{'det/img':>9}{'vs tv':>8}  setup",
