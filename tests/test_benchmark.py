@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,29 +11,21 @@ from maskrcnn.bench.measure import time_rounds
 from maskrcnn.bench.synthetic import synthetic_batch, torchvision_inputs
 from maskrcnn.config import load_config
 from maskrcnn.data.gt_masks import mask_targets
-from tests.tiny import REPO, TINY
+from tests.tiny import run_tiny_benchmark
 
 STEPS = 3
 SECTIONS = ("command", "environment", "setup", "peak", "memory_kind", "train", "inference",
             "breakdown", "matrix", "unmatched_settings", "ops")
 
 
-def _run(*flags: str) -> subprocess.CompletedProcess:
-    # One thread: the 2-core machine is shared, and oversubscribed OpenMP threads can slow a
-    # run tenfold; the report's consistency does not depend on the thread count.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "maskrcnn.benchmark", "--config=shapes",
-                           *(f"--set={s}" for s in TINY), "--device=cpu", *flags],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One tiny benchmark run with the torchvision baseline: (stdout, the JSON report)."""
     path = tmp_path_factory.mktemp("bench") / "report.json"
-    result = _run("--baseline=torchvision", f"--steps={STEPS}", "--warmup=1",
-                  f"--json_out={path}")
+    result = run_tiny_benchmark("--baseline=torchvision", f"--steps={STEPS}", "--warmup=1",
+                                f"--json_out={path}")
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout, json.loads(path.read_text())
 
@@ -148,7 +137,7 @@ def test_printed_report_has_the_tables(run):
 def test_bad_baseline_is_a_one_line_error():
     """If this fails, an unknown --baseline value gives a traceback (or is accepted)
     instead of one line naming the flag."""
-    result = _run("--baseline=detectron2")
+    result = run_tiny_benchmark("--baseline=detectron2")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --baseline=detectron2: must be one of none, torchvision"]

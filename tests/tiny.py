@@ -33,3 +33,14 @@ def run_module(module: str, *flags: str, cache_dir: Path, timeout: int = 600):
 
 def tiny_flags(output_dir: Path, *extra: str) -> list[str]:
     return [f"--output_dir={output_dir}", *(f"--set={s}" for s in [*TINY, *extra])]
+
+
+def run_tiny_benchmark(*flags: str) -> subprocess.CompletedProcess:
+    """maskrcnn-benchmark on the CPU at TINY's sizes. One thread: the 2-core machine is shared,
+    and oversubscribed OpenMP threads can slow a run tenfold; the report's consistency does
+    not depend on the thread count."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-m", "maskrcnn.benchmark", "--config=shapes",
+                           *(f"--set={s}" for s in TINY), "--device=cpu", *flags],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)

@@ -38,7 +38,7 @@ from maskrcnn.model.maskrcnn import MaskRCNN
 from maskrcnn.ops import paste_masks as paste_module
 from maskrcnn.ops.nms import batched_nms_fixed
 from maskrcnn.ops.proposals import _generate_proposals
-from maskrcnn.ops.roi_align_gather import _bilinear_taps, roi_align_levels
+from maskrcnn.ops.roi_align_gather import bins_to_rois, roi_align_levels, table_and_taps
 from maskrcnn.runtime import Runtime
 
 FORMATS = ("pt2", "aoti", "onnx")
@@ -131,20 +131,12 @@ def _roi_align_by_gathers(features, rois, levels, output_size, spatial_scales, s
     weighted taps of each bin summed one tap at a time (K gathers of [R*P*P, C] rows). The
     op's embedding_bag has no direct ONNX translation: torch.onnx writes a Loop over the bags
     that inserts into a sequence (seconds per call at the `shapes` size, quadratic)."""
-    n, c = features[0].shape[:2]
-    r, p = rois.shape[0], output_size
-    # (N, C, H_l, W_l) per level -> (T + 1, C) channels-last rows, the last one zero.
-    table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, c) for f in features]
-                      + [features[0].new_zeros(1, c)])
-    index, weight = _bilinear_taps(rois, levels, n, [f.shape[2] for f in features],
-                                   [f.shape[3] for f in features], spatial_scales, output_size,
-                                   sampling_ratio, aligned)  # (R*P*P, K) each
-    weight = weight.to(table.dtype)
+    table, index, weight = table_and_taps(features, rois, levels, output_size, spatial_scales,
+                                          sampling_ratio, aligned)  # index, weight: (R*P*P, K)
     pooled = table[index[:, 0]] * weight[:, :1]
     for k in range(1, index.shape[1]):
         pooled = pooled + table[index[:, k]] * weight[:, k:k + 1]
-    # (R*P*P, C) -> (R, C, P, P)
-    return pooled.view(r, p, p, c).permute(0, 3, 1, 2).contiguous()
+    return bins_to_rois(pooled, rois.shape[0], output_size)
 
 
 def example_inputs(config: Config, canvas: tuple[int, int], batch: int,
@@ -319,6 +311,7 @@ def load_program(path: Path, fmt: str, threads: int | None = None):
                                            providers=["CPUExecutionProvider"])
 
     def run(images: torch.Tensor, image_sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # onnxruntime's Python API takes host arrays (its CPU provider runs there anyway).
         out = session.run(None, {"images": images.cpu().numpy(),
                                  "image_sizes": image_sizes.cpu().numpy()})
         return tuple(torch.from_numpy(o) for o in out)

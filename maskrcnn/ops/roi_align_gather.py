@@ -108,6 +108,27 @@ def _bilinear_taps(rois: torch.Tensor, levels: torch.Tensor, batch_size: int,
     return index.reshape(r * p * p, k), weight.reshape(r * p * p, k)
 
 
+def table_and_taps(features: list[torch.Tensor], rois: torch.Tensor, levels: torch.Tensor,
+                   output_size: int, spatial_scales: list[float], sampling_ratio: int,
+                   aligned: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows ROIAlign reads and which of them each bin sums: (table float[T + 1, C], the
+    levels' pixels as channels-last rows and a last zero row; index int64[R*P*P, K];
+    weight[R*P*P, K] in the table's dtype)."""
+    n, c = features[0].shape[:2]
+    table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, c) for f in features]
+                      + [features[0].new_zeros(1, c)])
+    index, weight = _bilinear_taps(rois, levels, n, [f.shape[2] for f in features],
+                                   [f.shape[3] for f in features], spatial_scales, output_size,
+                                   sampling_ratio, aligned)
+    return table, index, weight.to(table.dtype)
+
+
+def bins_to_rois(pooled: torch.Tensor, num_rois: int, output_size: int) -> torch.Tensor:
+    """float[R*P*P, C] bin values -> float[R, C, P, P]."""
+    p, c = output_size, pooled.shape[1]
+    return pooled.view(num_rois, p, p, c).permute(0, 3, 1, 2).contiguous()
+
+
 def check_args(features: list[torch.Tensor], spatial_scales: list[float],
                sampling_ratio: int) -> None:
     """Raises ValueError for arguments no ROIAlign method takes."""
@@ -134,17 +155,10 @@ def roi_align_levels(features: list[torch.Tensor], rois: torch.Tensor, levels: t
         float[R, C, P, P] in the features' dtype.
     """
     check_args(features, spatial_scales, sampling_ratio)
-    n, c = features[0].shape[:2]
-    r, p = rois.shape[0], output_size
-    # (N, C, H_l, W_l) per level -> (T + 1, C) channels-last rows, the last one zero.
-    table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, c) for f in features]
-                      + [features[0].new_zeros(1, c)])
-    index, weight = _bilinear_taps(rois, levels, n, [f.shape[2] for f in features],
-                                   [f.shape[3] for f in features], spatial_scales, output_size,
-                                   sampling_ratio, aligned)
-    pooled = F.embedding_bag(index, table, per_sample_weights=weight.to(table.dtype), mode="sum")
-    # (R*P*P, C) -> (R, C, P, P)
-    return pooled.view(r, p, p, c).permute(0, 3, 1, 2).contiguous()
+    table, index, weight = table_and_taps(features, rois, levels, output_size, spatial_scales,
+                                          sampling_ratio, aligned)
+    pooled = F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
+    return bins_to_rois(pooled, rois.shape[0], output_size)
 
 
 @roi_align_levels.register_fake

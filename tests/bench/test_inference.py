@@ -2,33 +2,23 @@
 timed side by side on the CPU, at a tiny size."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.tiny import REPO, TINY
+from tests.tiny import run_tiny_benchmark
 
 STEPS = 2
 SIDES = ["eager", "pt2", "onnx"]
 
 
-def _run(*flags: str) -> subprocess.CompletedProcess:
-    # One thread: the machine is shared; the report's consistency does not depend on it.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, "-m", "maskrcnn.benchmark", "--config=shapes",
-                           *(f"--set={s}" for s in TINY), "--device=cpu", *flags],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One tiny side-by-side run: (stdout, the JSON report)."""
     path = tmp_path_factory.mktemp("bench") / "report.json"
-    result = _run(f"--inference_formats={','.join(SIDES)}", f"--steps={STEPS}", "--warmup=1",
-                  f"--json_out={path}")
+    result = run_tiny_benchmark(f"--inference_formats={','.join(SIDES)}", f"--steps={STEPS}",
+                                "--warmup=1", f"--json_out={path}")
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout, json.loads(path.read_text())
 
@@ -85,6 +75,6 @@ def test_profile_splits_each_call(run):
 def test_bad_formats_are_a_one_line_error(flag, message):
     """If this fails, an unknown or repeated side gives a traceback (or is accepted) instead
     of one line naming the flag."""
-    result = _run(flag)
+    result = run_tiny_benchmark(flag)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {message}"]
